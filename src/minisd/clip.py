@@ -1,0 +1,363 @@
+"""The CLIP / OpenCLIP text transformers that condition Stable Diffusion.
+
+One causal pre-LN transformer (Radford et al. 2021, "Learning Transferable Visual
+Models From Natural Language Supervision", sec. 2.4) serves all three encoders:
+
+- SD1 and SDXL's first encoder: OpenAI CLIP ViT-L/14's text tower (`CLIP_VIT_L14`);
+- SD2: OpenCLIP ViT-H/14 (`OPENCLIP_VIT_H14`);
+- SDXL base (second encoder) and refiner: OpenCLIP ViT-bigG/14 (`OPENCLIP_VIT_BIGG14`).
+
+Modules are named like open_clip's `TextTransformer` (`transformer.resblocks.N.attn.in_proj_weight`,
+`ln_final`, `text_projection`), so an OpenCLIP tower of an official file loads by a prefix strip.
+The HF transformers layout (SD1/SDXL files, diffusers folders) is the `hf_table` key table.
+
+Which output each model uses as its context is the conditioning code's business:
+SD1 takes `last_hidden_state`; SD2 takes `ln_final` of the penultimate block's output;
+SDXL takes the penultimate `hidden_states` (no `ln_final`) and bigG's `pooled`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from minisd.attention import attention
+from minisd.keymap import CheckpointError, Ignore, KeyTable, Rule
+
+SOT_TOKEN_ID = 49406  # <|startoftext|>
+EOT_TOKEN_ID = 49407  # <|endoftext|>; pooling reads the hidden state at its first occurrence
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    """Hyperparameters of a text transformer (open_clip's `CLIPTextCfg` names where they exist)."""
+
+    width: int  # model width (HF `hidden_size`)
+    heads: int  # attention heads, each `width // heads` wide
+    layers: int  # residual attention blocks (HF `num_hidden_layers`)
+    mlp_width: int  # hidden units of each block's MLP (HF `intermediate_size`; open_clip `width * mlp_ratio`)
+    act: str  # "quick_gelu" (OpenAI CLIP) or "gelu" (OpenCLIP, exact erf form)
+    projection_dim: int | None  # columns of `text_projection`; None: the weights have no projection
+    vocab_size: int = 49408  # CLIP BPE: 512 byte tokens (plain and word-final), 48894 merges, sot, eot
+    context_length: int = 77  # positions of `positional_embedding`
+    layer_norm_eps: float = 1e-5  # torch's default, used by open_clip, OpenAI CLIP and HF alike
+
+    def __post_init__(self) -> None:
+        for name in ("width", "heads", "mlp_width", "vocab_size", "context_length"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"TextConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.layers < 0 or (self.projection_dim is not None and self.projection_dim < 1):
+            raise ValueError(f"TextConfig: bad layers {self.layers} or projection_dim {self.projection_dim}")
+        if self.act not in ("quick_gelu", "gelu"):
+            raise ValueError(f"TextConfig.act must be 'quick_gelu' or 'gelu', got {self.act!r}")
+        if self.width % self.heads != 0:
+            raise ValueError(f"TextConfig: width {self.width} does not split into {self.heads} heads")
+
+    @classmethod
+    def from_hf_config(cls, d: Mapping[str, Any], *, projection: bool) -> TextConfig:
+        """The config of a transformers `CLIPTextConfig` dict (a diffusers `text_encoder*/config.json`).
+
+        `projection` says whether the weights hold `text_projection.weight`
+        (`CLIPTextModelWithProjection`); a plain `CLIPTextModel` config still carries a
+        `projection_dim` (e.g. 512 in SD2's), which then describes nothing and is dropped."""
+        needed = ["hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size", "hidden_act",
+                  "vocab_size", "max_position_embeddings", "layer_norm_eps"] + ["projection_dim"] * projection
+        missing = [k for k in needed if k not in d]
+        if missing:
+            raise ValueError(f"HF CLIP text config lacks {missing}")
+        return cls(
+            width=int(d["hidden_size"]), heads=int(d["num_attention_heads"]), layers=int(d["num_hidden_layers"]),
+            mlp_width=int(d["intermediate_size"]), act=str(d["hidden_act"]),
+            projection_dim=int(d["projection_dim"]) if projection else None,
+            vocab_size=int(d["vocab_size"]), context_length=int(d["max_position_embeddings"]),
+            layer_norm_eps=float(d["layer_norm_eps"]),
+        )
+
+
+# OpenAI CLIP ViT-L/14 text tower, as SD1 (ldm FrozenCLIPEmbedder) and SDXL (embedders.0) store it: HF
+# `CLIPTextModel`, without projection. open_clip model_configs/ViT-L-14.json text_cfg (768 wide, 12 heads,
+# 12 layers, mlp_ratio 4) = HF openai/clip-vit-large-patch14 text_config (intermediate_size 3072,
+# hidden_act "quick_gelu": OpenAI trained with QuickGELU, hence open_clip's "-quickgelu" configs).
+CLIP_VIT_L14 = TextConfig(width=768, heads=12, layers=12, mlp_width=3072, act="quick_gelu", projection_dim=None)
+# OpenCLIP ViT-H/14 (laion2b_s32b_b79k), SD2's encoder: open_clip model_configs/ViT-H-14.json text_cfg
+# (1024 wide, 16 heads, 24 layers, mlp_ratio 4), embed_dim 1024, nn.GELU (quick_gelu false).
+OPENCLIP_VIT_H14 = TextConfig(width=1024, heads=16, layers=24, mlp_width=4096, act="gelu", projection_dim=1024)
+# OpenCLIP ViT-bigG/14 (laion2b_s39b_b160k), SDXL: open_clip model_configs/ViT-bigG-14.json text_cfg
+# (1280 wide, 20 heads, 32 layers, mlp_ratio 4), embed_dim 1280; = diffusers SDXL text_encoder_2/config.json.
+OPENCLIP_VIT_BIGG14 = TextConfig(width=1280, heads=20, layers=32, mlp_width=5120, act="gelu", projection_dim=1280)
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in fp32 and cast back to the input dtype.
+
+    OpenAI CLIP's `LayerNorm` (clip/model.py) does exactly this "to handle fp16". open_clip uses it
+    (`LayerNormFp32`) only for fp16/bf16 towers and otherwise runs F.layer_norm in the input dtype,
+    but the official SD code calls it under autocast, which runs layer_norm in fp32 anyway; HF's
+    `nn.LayerNorm` on CUDA accumulates in fp32 too. In fp32 all of these are the same op."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, b = self.weight.float(), self.bias.float()
+        return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).to(x.dtype)
+
+
+class QuickGELU(nn.Module):
+    """x * sigmoid(1.702 x), the GELU approximation OpenAI CLIP was trained with (clip/model.py)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention with nn.MultiheadAttention's parameter names
+    (`in_proj_weight` = rows [q; k; v], `out_proj`), computed by `minisd.attention`."""
+
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
+        self.in_proj_bias = nn.Parameter(torch.empty(3 * width))
+        self.out_proj = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)  # 3 x (B, L, width)
+        # Token i sees tokens 0..i only: the causal mask of CLIP's text encoder, built by SDPA.
+        return self.out_proj(attention(q, k, v, heads=self.heads, is_causal=True))
+
+
+class ResidualAttentionBlock(nn.Module):
+    """Pre-LN transformer block (open_clip `ResidualAttentionBlock`, names included)."""
+
+    def __init__(self, config: TextConfig) -> None:
+        super().__init__()
+        self.ln_1 = LayerNorm(config.width, eps=config.layer_norm_eps)
+        self.attn = CausalSelfAttention(config.width, config.heads)
+        self.ln_2 = LayerNorm(config.width, eps=config.layer_norm_eps)
+        act = QuickGELU() if config.act == "quick_gelu" else nn.GELU()  # nn.GELU: exact erf form
+        # Sequential with open_clip's names; "gelu" holds whichever activation the config says.
+        self.mlp = nn.Sequential(
+            OrderedDict(
+                [("c_fc", nn.Linear(config.width, config.mlp_width)), ("gelu", act),
+                 ("c_proj", nn.Linear(config.mlp_width, config.width))]
+            )
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x))
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+class Transformer(nn.Module):
+    """The stack of blocks; a module of its own only so keys read `transformer.resblocks.N` (open_clip)."""
+
+    def __init__(self, config: TextConfig) -> None:
+        super().__init__()
+        self.resblocks = nn.ModuleList([ResidualAttentionBlock(config) for _ in range(config.layers)])
+
+
+@dataclass(frozen=True)
+class TextOutput:
+    """What `TextTransformer.forward` returns.
+
+    hidden_states: `layers + 1` tensors `(B, L, width)` (HF's convention): the embeddings, then the
+        output of each block; after an early stop, only the blocks that ran.
+    last_hidden_state: `ln_final(hidden_states[-1])`, `(B, L, width)`; None after an early stop.
+    pooled: `last_hidden_state` at each row's EOT token, times `text_projection` when the config
+        has one: `(B, projection_dim)` or `(B, width)`; None after an early stop.
+    """
+
+    hidden_states: tuple[torch.Tensor, ...]
+    last_hidden_state: torch.Tensor | None
+    pooled: torch.Tensor | None
+
+
+class TextTransformer(nn.Module):
+    """The causal text transformer of CLIP, named like open_clip's `TextTransformer`.
+
+    Parameters are left uninitialised (`torch.empty`): build it on the meta device and
+    load a checkpoint with `keymap.load_strict(..., assign=True)`."""
+
+    def __init__(self, config: TextConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.token_embedding = nn.Embedding(config.vocab_size, config.width)
+        self.positional_embedding = nn.Parameter(torch.empty(config.context_length, config.width))
+        self.transformer = Transformer(config)
+        self.ln_final = LayerNorm(config.width, eps=config.layer_norm_eps)
+        # A raw matrix used as `x @ P` (open_clip, OpenAI CLIP); HF stores its transpose as nn.Linear.
+        self.text_projection = None
+        if config.projection_dim is not None:
+            self.text_projection = nn.Parameter(torch.empty(config.width, config.projection_dim))
+
+    def forward(
+        self, input_ids: torch.Tensor, eot_index: torch.Tensor | None = None, *, num_layers: int | None = None
+    ) -> TextOutput:
+        """Encode token ids `(B, L)`, `L <= context_length` (shorter inputs use the first `L` positions).
+
+        eot_index: `(B,)` position to pool at; by default each row's first EOT (49407). open_clip
+            takes `argmax(input_ids)` and HF the first EOS: the same, as EOT is the largest id and
+            argmax returns the first maximum.
+        num_layers: run only the first `num_layers` blocks (SD2 and SDXL's CLIP-L use only the
+            penultimate output; bigG needs `pooled` too, so runs all); when fewer than
+            `config.layers` blocks run, `last_hidden_state` and `pooled` are None.
+        """
+        cfg = self.config
+        self._check_ids(input_ids)
+        n = cfg.layers if num_layers is None else num_layers
+        if not 0 <= n <= cfg.layers:
+            raise ValueError(f"num_layers must be in [0, {cfg.layers}], got {num_layers}")
+
+        # Token plus learned absolute position embeddings, (B, L, width).
+        x = self.token_embedding(input_ids) + self.positional_embedding[: input_ids.shape[1]]
+        hidden_states = [x]
+        for block in self.transformer.resblocks[:n]:
+            x = block(x)
+            hidden_states.append(x)
+        if n < cfg.layers:
+            return TextOutput(tuple(hidden_states), None, None)
+
+        # Final LayerNorm, then the sequence is summarised by the EOT token's state (CLIP sec. 2.4).
+        last = self.ln_final(x)
+        eot = self._eot_index(input_ids) if eot_index is None else self._check_eot(eot_index, input_ids)
+        pooled = last[torch.arange(last.shape[0], device=last.device), eot]  # (B, width)
+        if self.text_projection is not None:
+            pooled = pooled @ self.text_projection  # (B, projection_dim)
+        return TextOutput(tuple(hidden_states), last, pooled)
+
+    def _check_ids(self, input_ids: torch.Tensor) -> None:
+        cfg, shape = self.config, tuple(input_ids.shape)
+        if input_ids.dim() != 2 or input_ids.is_floating_point() or input_ids.is_complex():
+            raise ValueError(f"input_ids must be integer (batch, tokens), got {input_ids.dtype} {shape}")
+        if shape[1] > cfg.context_length:
+            raise ValueError(f"input_ids has {shape[1]} tokens, more than context_length {cfg.context_length}")
+        if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= cfg.vocab_size):
+            lo, hi = int(input_ids.min()), int(input_ids.max())
+            raise ValueError(f"input_ids must lie in [0, {cfg.vocab_size}), got values in [{lo}, {hi}]")
+
+    @staticmethod
+    def _eot_index(input_ids: torch.Tensor) -> torch.Tensor:
+        is_eot = input_ids == EOT_TOKEN_ID
+        if not bool(is_eot.any(dim=1).all()):
+            raise ValueError(f"every row of input_ids needs an EOT token ({EOT_TOKEN_ID}), or pass eot_index")
+        return is_eot.int().argmax(dim=1)  # first occurrence
+
+    @staticmethod
+    def _check_eot(eot_index: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        b, length = input_ids.shape
+        if eot_index.shape != (b,) or eot_index.is_floating_point():
+            raise ValueError(f"eot_index must be integer ({b},), got {eot_index.dtype} {tuple(eot_index.shape)}")
+        if b and (eot_index.min() < 0 or eot_index.max() >= length):
+            raise ValueError(f"eot_index must lie in [0, {length}), got {eot_index.tolist()}")
+        return eot_index.to(device=input_ids.device, dtype=torch.long)
+
+
+# --------------------------------------------------------------------------- key tables
+# (ours, their HF transformers names, transform), in our state-dict order: the one list both
+# tables are generated from. HF keeps q/k/v apart; nn.MultiheadAttention packs them as [q; k; v].
+def _hf_rules(config: TextConfig) -> list[tuple[str, tuple[str, ...], str]]:
+    rules = [
+        ("token_embedding.weight", ("text_model.embeddings.token_embedding.weight",), "identity"),
+        ("positional_embedding", ("text_model.embeddings.position_embedding.weight",), "identity"),
+    ]
+    for i in range(config.layers):
+        ours, hf = f"transformer.resblocks.{i}.", f"text_model.encoder.layers.{i}."
+        for p in ("weight", "bias"):
+            rules += [
+                (f"{ours}ln_1.{p}", (f"{hf}layer_norm1.{p}",), "identity"),
+                (f"{ours}attn.in_proj_{p}", tuple(f"{hf}self_attn.{x}_proj.{p}" for x in "qkv"), "concat0"),
+                (f"{ours}attn.out_proj.{p}", (f"{hf}self_attn.out_proj.{p}",), "identity"),
+                (f"{ours}ln_2.{p}", (f"{hf}layer_norm2.{p}",), "identity"),
+                (f"{ours}mlp.c_fc.{p}", (f"{hf}mlp.fc1.{p}",), "identity"),
+                (f"{ours}mlp.c_proj.{p}", (f"{hf}mlp.fc2.{p}",), "identity"),
+            ]
+    rules += [(f"ln_final.{p}", (f"text_model.final_layer_norm.{p}",), "identity") for p in ("weight", "bias")]
+    if config.projection_dim is not None:
+        # CLIPTextModelWithProjection's bias-free nn.Linear (out, in) = our (in, out) matrix, transposed.
+        rules.append(("text_projection", ("text_projection.weight",), "transpose"))
+    return rules
+
+
+def hf_table(config: TextConfig) -> KeyTable:
+    """HF transformers `CLIPTextModel` / `CLIPTextModelWithProjection` names (`text_model.*`,
+    plus `text_projection.weight` when projected), relative to the encoder root. Works for any
+    layer count (diffusers' SD2 text_encoder keeps 23 of OpenCLIP-H's 24 blocks).
+
+    transformers >= 5.6 saves a plain `CLIPTextModel` without the `text_model.` prefix; add it back
+    before applying this table."""
+    ignore = (
+        Ignore("text_model.embeddings.position_ids", "a buffer arange(77) (float in some SD1 files), not a weight"),
+    )
+    return KeyTable("HF CLIP text", tuple(Rule(o, t, f) for o, t, f in _hf_rules(config)), ignore)
+
+
+def open_clip_table(config: TextConfig) -> KeyTable:
+    """open_clip's names (ours), relative to the encoder root (`cond_stage_model.model.` in SD2)."""
+    ignore = (
+        Ignore("logit_scale", "CLIP's contrastive temperature, unused for conditioning"),
+        Ignore("attn_mask", "a causal mask buffer some open_clip versions save; we use is_causal"),
+    )
+    return KeyTable.identity("open_clip text", [o for o, _, _ in _hf_rules(config)], ignore)
+
+
+class Placement(NamedTuple):
+    """Where a text encoder sits in an official single-file checkpoint."""
+
+    prefix: str  # key prefix of the encoder root
+    layout: str  # "hf" (`hf_table`) or "open_clip" (`open_clip_table`)
+    config: TextConfig
+
+
+# Official CompVis / Stability checkpoints (see diffusers single_file_utils CHECKPOINT_KEY_NAMES).
+OFFICIAL_PREFIXES: dict[str, Placement] = {
+    "sd1": Placement("cond_stage_model.transformer.", "hf", CLIP_VIT_L14),  # ldm FrozenCLIPEmbedder
+    "sd2": Placement("cond_stage_model.model.", "open_clip", OPENCLIP_VIT_H14),  # ldm FrozenOpenCLIPEmbedder
+    "sdxl_base.0": Placement("conditioner.embedders.0.transformer.", "hf", CLIP_VIT_L14),
+    "sdxl_base.1": Placement("conditioner.embedders.1.model.", "open_clip", OPENCLIP_VIT_BIGG14),
+    "sdxl_refiner.0": Placement("conditioner.embedders.0.model.", "open_clip", OPENCLIP_VIT_BIGG14),
+}
+# diffusers folders hold the HF layout, one file each: `text_encoder/` is a CLIPTextModel (SD2's has 23
+# layers: diffusers drops the unused last block and the projection), `text_encoder_2/` a
+# CLIPTextModelWithProjection (bigG). Read their config.json with `TextConfig.from_hf_config`.
+DIFFUSERS_FOLDERS: dict[str, tuple[str, ...]] = {
+    "sd1": ("text_encoder",),
+    "sd2": ("text_encoder",),
+    "sdxl_base": ("text_encoder", "text_encoder_2"),
+    "sdxl_refiner": ("text_encoder_2",),
+}
+
+
+def config_from_state_dict(sd: Mapping[str, torch.Tensor], layout: str, *, act: str) -> TextConfig:
+    """Read a `TextConfig` from tensor shapes (prefix already stripped), like OpenAI CLIP's `build_model`.
+
+    Shapes cannot tell the head count nor the activation: heads = width // 64, as in `build_model`
+    and true of all three presets; `act` must be given ("quick_gelu" for OpenAI CLIP-L, "gelu" for
+    OpenCLIP H and bigG). `layer_norm_eps` is torch's default 1e-5."""
+    if layout == "hf":
+        names = ("text_model.embeddings.token_embedding.weight", "text_model.embeddings.position_embedding.weight",
+                 r"text_model\.encoder\.layers\.(\d+)\.", "text_model.encoder.layers.0.mlp.fc1.weight")
+    elif layout == "open_clip":
+        names = ("token_embedding.weight", "positional_embedding", r"transformer\.resblocks\.(\d+)\.",
+                 "transformer.resblocks.0.mlp.c_fc.weight")
+    else:
+        raise ValueError(f"layout must be 'hf' or 'open_clip', got {layout!r}")
+    token, position, block, fc = names
+    for key in (token, position, fc):
+        if key not in sd:
+            raise CheckpointError(f"cannot read a {layout} text encoder config: missing {key}")
+    layers = 1 + max((int(m.group(1)) for k in sd if (m := re.match(block, k))), default=-1)
+    vocab_size, width = sd[token].shape
+    if layout == "hf":
+        projection_dim = sd["text_projection.weight"].shape[0] if "text_projection.weight" in sd else None
+    else:
+        projection_dim = sd["text_projection"].shape[1] if "text_projection" in sd else None
+    return TextConfig(
+        width=width, heads=width // 64, layers=layers, mlp_width=sd[fc].shape[0], act=act,
+        projection_dim=projection_dim, vocab_size=vocab_size, context_length=sd[position].shape[0],
+    )

@@ -1,0 +1,455 @@
+"""The KL autoencoder of latent diffusion (Rombach et al. 2022, Sec. 3 and App. G).
+
+An image `(B, 3, H, W)` in [-1, 1] is encoded to a diagonal Gaussian over latents
+`(B, 4, H/8, W/8)`; the diffusion model works on `scale_factor * z`. This is
+`ldm.models.autoencoder.AutoencoderKL` with the `Encoder` / `Decoder` of
+`sgm/modules/diffusionmodules/model.py` and ldm's `DiagonalGaussianDistribution`.
+
+Modules are named like the official single-file keys without `first_stage_model.`:
+
+    encoder.conv_in, encoder.down[l].block[i], encoder.down[l].downsample (l < last),
+    encoder.mid.{block_1,attn_1,block_2}, encoder.norm_out, encoder.conv_out (mean, logvar)
+    quant_conv, post_quant_conv (1x1 convs on either side of the latent)
+    decoder.conv_in, decoder.mid.{block_1,attn_1,block_2},
+    decoder.up[l].block[i] (num_res_blocks + 1 of them), decoder.up[l].upsample (l > 0),
+    decoder.norm_out, decoder.conv_out
+
+Level l = 0 is the full resolution in both halves. So the decoder's `up` list is
+stored in reverse order of application: `up[len(ch_mult) - 1]` runs first and
+`up[0]` last (the official code builds it with `self.up.insert(0, up)`). diffusers
+numbers its `up_blocks` in application order: official `up.{n-1-i}` is
+`up_blocks.{i}` (see `diffusers_table`).
+
+Numerics follow the reference: GroupNorm runs in the module's dtype (no upcast
+there), and `decode` returns the raw decoder output, nominally in [-1, 1] but NOT
+clamped (the reference pipelines clamp when converting to pixels). The VAE is
+meant to run in fp32, because the SDXL VAE overflows in fp16 (see `AutoencoderKL`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from minisd.attention import attention
+from minisd.keymap import KeyTable, Rule
+
+logger = logging.getLogger(__name__)
+
+# Normalize() of the reference: GroupNorm(32 groups, eps=1e-6, affine).
+_GROUPS = 32
+_HALF = (torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    """`first_stage_config.params.ddconfig` of the official YAML, plus `embed_dim`
+    (a sibling of `ddconfig`) and `scale_factor` (from `model.params`)."""
+
+    ch: int = 128  # base channel count; level l has ch * ch_mult[l] channels
+    ch_mult: tuple[int, ...] = (1, 2, 4, 4)  # one entry per resolution level
+    num_res_blocks: int = 2  # ResnetBlocks per encoder level (decoder: one more)
+    z_channels: int = 4  # channels of the encoder/decoder latent side
+    embed_dim: int = 4  # channels of the latent the diffusion model sees
+    in_channels: int = 3  # image channels in
+    out_ch: int = 3  # image channels out
+    resolution: int = 256  # training resolution; unused at inference (any H, W work)
+    attn_resolutions: tuple[int, ...] = ()  # extra attention per level; SD uses none
+    double_z: bool = True  # the encoder predicts mean and logvar
+    dropout: float = 0.0
+    scale_factor: float = 0.18215  # latents are multiplied by this before diffusion
+
+    def __post_init__(self) -> None:
+        for mult in self.ch_mult:
+            if (self.ch * mult) % _GROUPS != 0:
+                raise ValueError(f"VAEConfig: {self.ch * mult} channels (ch * ch_mult) are not {_GROUPS} groups")
+        if self.attn_resolutions:
+            # No SD/SDXL VAE has them, and diffusers' AutoencoderKL has no slot for them.
+            raise ValueError(f"VAEConfig: attn_resolutions must be empty, got {self.attn_resolutions}")
+        if not self.double_z:
+            # ldm's AutoencoderKL asserts ddconfig["double_z"]: the KL posterior needs a logvar.
+            raise ValueError("VAEConfig: double_z must be True for a KL autoencoder")
+
+    @property
+    def downsample_factor(self) -> int:
+        """Image pixels per latent pixel along each axis (8 for SD)."""
+        return 2 ** (len(self.ch_mult) - 1)
+
+
+# SD 1.x and 2.x: first_stage_config of configs/stable-diffusion/v1-inference.yaml
+# (CompVis/stable-diffusion) and v2-inference(-v).yaml (Stability-AI/stablediffusion);
+# scale_factor 0.18215 from model.params of the same files.
+SD_VAE = VAEConfig(
+    ch=128, ch_mult=(1, 2, 4, 4), num_res_blocks=2, z_channels=4, embed_dim=4, in_channels=3, out_ch=3,
+    resolution=256, attn_resolutions=(), double_z=True, dropout=0.0, scale_factor=0.18215,
+)  # fmt: skip
+# SDXL base and refiner: first_stage_config of configs/inference/sd_xl_base.yaml and
+# sd_xl_refiner.yaml (Stability-AI/generative-models): the same ddconfig, retrained
+# weights, and scale_factor 0.13025 (model.params).
+SDXL_VAE = replace(SD_VAE, scale_factor=0.13025)
+
+
+class DiagonalGaussian:
+    """The posterior q(z|x) = N(mean, exp(logvar)), ldm's `DiagonalGaussianDistribution`."""
+
+    def __init__(self, moments: torch.Tensor) -> None:
+        # moments: (B, 2 * embed_dim, h, w), mean first, as quant_conv emits them.
+        self.mean, logvar = moments.chunk(2, dim=1)
+        # The reference clamps logvar to [-30, 20] so exp() neither under- nor overflows.
+        self.logvar = logvar.clamp(-30.0, 20.0)
+        self.std = torch.exp(0.5 * self.logvar)
+        self.var = torch.exp(self.logvar)
+
+    def mode(self) -> torch.Tensor:
+        return self.mean
+
+    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        """mean + std * eps, eps drawn like diffusers' `randn_tensor` (on the generator's
+        device, in the mean's dtype): a seeded generator gives `latent_dist.sample(generator)`."""
+        device = self.mean.device if generator is None else generator.device
+        eps = torch.randn(self.mean.shape, generator=generator, device=device, dtype=self.mean.dtype)
+        return self.mean + self.std * eps.to(self.mean.device)
+
+
+def _group_norm(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(_GROUPS, channels, eps=1e-6, affine=True)
+
+
+class ResnetBlock(nn.Module):
+    """norm-SiLU-conv twice, plus a 1x1 `nin_shortcut` when the width changes.
+    The VAE's blocks have no timestep embedding (temb_channels = 0 in the reference)."""
+
+    def __init__(self, c_in: int, c_out: int, dropout: float) -> None:
+        super().__init__()
+        self.norm1 = _group_norm(c_in)
+        self.conv1 = nn.Conv2d(c_in, c_out, kernel_size=3, padding=1)
+        self.norm2 = _group_norm(c_out)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(c_out, c_out, kernel_size=3, padding=1)
+        self.nin_shortcut = nn.Conv2d(c_in, c_out, kernel_size=1) if c_in != c_out else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The reference's nonlinearity is x * sigmoid(x), i.e. SiLU.
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        skip = x if self.nin_shortcut is None else self.nin_shortcut(x)
+        return skip + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over all h * w positions, with 1x1-conv q/k/v/proj_out."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.norm = _group_norm(channels)
+        self.q = nn.Conv2d(channels, channels, kernel_size=1)
+        self.k = nn.Conv2d(channels, channels, kernel_size=1)
+        self.v = nn.Conv2d(channels, channels, kernel_size=1)
+        self.proj_out = nn.Conv2d(channels, channels, kernel_size=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _, _, h, w = x.shape
+        n = self.norm(x)
+        q, k, v = (rearrange(proj(n), "b c h w -> b (h w) c") for proj in (self.q, self.k, self.v))
+        # One head of width c, so the scale is c ** -0.5 as in the reference.
+        out = rearrange(attention(q, k, v, heads=1), "b (h w) c -> b c h w", h=h, w=w)
+        return x + self.proj_out(out)
+
+
+class Downsample(nn.Module):
+    """Stride-2 3x3 conv after zero-padding right and bottom only: torch convs pad
+    symmetrically, so the reference pads (0, 1, 0, 1) by hand and uses padding=0."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, kernel_size=3, stride=2, padding=0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.pad(x, (0, 1, 0, 1), mode="constant", value=0.0))
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour x2, then a 3x3 conv."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, kernel_size=3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+def _mid(channels: int, dropout: float) -> nn.Module:
+    """`mid`: block_1, attn_1, block_2 at the lowest resolution (a bare Module, as in the reference)."""
+    mid = nn.Module()
+    mid.block_1 = ResnetBlock(channels, channels, dropout)
+    mid.attn_1 = AttnBlock(channels)
+    mid.block_2 = ResnetBlock(channels, channels, dropout)
+    return mid
+
+
+class Encoder(nn.Module):
+    """Image `(B, in_channels, H, W)` -> moments `(B, 2 * z_channels, H/f, W/f)`."""
+
+    def __init__(self, cfg: VAEConfig) -> None:
+        super().__init__()
+        last = len(cfg.ch_mult) - 1
+        self.conv_in = nn.Conv2d(cfg.in_channels, cfg.ch, kernel_size=3, padding=1)
+        self.down = nn.ModuleList()
+        c_in = cfg.ch
+        for lvl, mult in enumerate(cfg.ch_mult):
+            c_out = cfg.ch * mult
+            level = nn.Module()  # a bare Module holding `block` and `downsample`, as in the reference
+            n_blocks = cfg.num_res_blocks
+            level.block = nn.ModuleList(ResnetBlock(c_out if i else c_in, c_out, cfg.dropout) for i in range(n_blocks))
+            level.downsample = Downsample(c_out) if lvl != last else None
+            self.down.append(level)
+            c_in = c_out
+        self.mid = _mid(c_in, cfg.dropout)
+        self.norm_out = _group_norm(c_in)
+        self.conv_out = nn.Conv2d(c_in, 2 * cfg.z_channels, kernel_size=3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv_in(x)
+        # down: full resolution first, halving after every level but the last
+        for level in self.down:
+            for block in level.block:
+                h = block(h)
+            if level.downsample is not None:
+                h = level.downsample(h)
+        # mid: resnet, global attention, resnet
+        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class Decoder(nn.Module):
+    """Latent `(B, z_channels, h, w)` -> image `(B, out_ch, h*f, w*f)`."""
+
+    def __init__(self, cfg: VAEConfig) -> None:
+        super().__init__()
+        c_in = cfg.ch * cfg.ch_mult[-1]
+        self.conv_in = nn.Conv2d(cfg.z_channels, c_in, kernel_size=3, padding=1)
+        self.mid = _mid(c_in, cfg.dropout)
+        levels: list[nn.Module] = []
+        # Built from the lowest resolution up, but stored by level (levels.insert(0, ...)),
+        # so up[0] is the full-resolution level, as in the official keys.
+        for lvl in reversed(range(len(cfg.ch_mult))):
+            c_out = cfg.ch * cfg.ch_mult[lvl]
+            level = nn.Module()
+            n_blocks = cfg.num_res_blocks + 1
+            level.block = nn.ModuleList(ResnetBlock(c_out if i else c_in, c_out, cfg.dropout) for i in range(n_blocks))
+            level.upsample = Upsample(c_out) if lvl != 0 else None
+            levels.insert(0, level)
+            c_in = c_out
+        self.up = nn.ModuleList(levels)
+        self.norm_out = _group_norm(c_in)
+        self.conv_out = nn.Conv2d(c_in, cfg.out_ch, kernel_size=3, padding=1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(self.conv_in(z))))
+        # up: lowest resolution first, i.e. up[-1], ..., up[0]
+        for level in reversed(self.up):
+            for block in level.block:
+                h = block(h)
+            if level.upsample is not None:
+                h = level.upsample(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class AutoencoderKL(nn.Module):
+    """The SD / SDXL VAE: `encode` images in [-1, 1] to a `DiagonalGaussian`, `decode`
+    UNSCALED latents (divide the diffusion latents by `config.scale_factor` first).
+
+    Precision: inputs are cast to the module's dtype; keep it fp32 (SDXL's activations
+    exceed fp16's 65504). If an fp16/bf16 module's output is not finite for a finite input,
+    the module is upcast to fp32 *for good* (the overflow comes from the weights, so it
+    would recur; fp32 costs ~335 MB), with a warning, and the call is redone in fp32.
+    """
+
+    def __init__(self, config: VAEConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.encoder = Encoder(config)
+        self.decoder = Decoder(config)
+        self.quant_conv = nn.Conv2d(2 * config.z_channels, 2 * config.embed_dim, kernel_size=1)
+        self.post_quant_conv = nn.Conv2d(config.embed_dim, config.z_channels, kernel_size=1)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    # -- public API
+    def encode(self, images: torch.Tensor) -> DiagonalGaussian:
+        """images `(B, in_channels, H, W)` in [-1, 1], sides multiples of f = 8 -> q(z|x)."""
+        self._check(images, "images", self.config.in_channels, self.config.downsample_factor)
+        return DiagonalGaussian(self._guarded(self._moments, images))
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Unscaled latents `(B, embed_dim, h, w)` -> images `(B, out_ch, f*h, f*w)`, not clamped."""
+        self._check(latents, "latents", self.config.embed_dim, 1)
+        return self._guarded(self._decode, latents)
+
+    def encode_tiled(self, images: torch.Tensor, *, tile_size: int = 512, overlap: int | None = None) -> DiagonalGaussian:
+        """`encode` in overlapping `tile_size` pixel tiles blended in latent space, for images too
+        large to encode at once. Approximate: GroupNorm statistics and attention become per tile."""
+        f = self.config.downsample_factor
+        self._check(images, "images", self.config.in_channels, f)
+        run = lambda x: _blend_tiles(self._moments, x, tile_size, overlap, up=1, down=f)  # noqa: E731
+        return DiagonalGaussian(self._guarded(run, images))
+
+    def decode_tiled(self, latents: torch.Tensor, *, tile_size: int = 64, overlap: int | None = None) -> torch.Tensor:
+        """`decode` in overlapping tiles of `tile_size` latent pixels, blended in pixel space;
+        an approximation, as for `encode_tiled`."""
+        self._check(latents, "latents", self.config.embed_dim, 1)
+        f = self.config.downsample_factor
+        return self._guarded(lambda z: _blend_tiles(self._decode, z, tile_size, overlap, up=f, down=1), latents)
+
+    # -- the two halves, without checks
+    def _moments(self, x: torch.Tensor) -> torch.Tensor:
+        return self.quant_conv(self.encoder(x))  # (B, 2 * embed_dim, H/f, W/f)
+
+    def _decode(self, z: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.post_quant_conv(z))
+
+    def _guarded(self, fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """fn(x) in the module's dtype; redone in fp32 if a half-precision run overflowed."""
+        dtype = self.dtype
+        out = fn(x.to(dtype))
+        if dtype in _HALF and not torch.isfinite(out).all() and torch.isfinite(x).all():
+            why = "produced inf/NaN (activation overflow): upcasting it to float32 for good"
+            logger.warning("minisd.vae: the %s VAE %s. Load it in float32 to skip the wasted pass.", dtype, why)
+            self.float()
+            out = fn(x.float())
+        return out
+
+    @staticmethod
+    def _check(x: torch.Tensor, what: str, channels: int, multiple: int) -> None:
+        if x.dim() != 4:
+            raise ValueError(f"AutoencoderKL: {what} must be (B, C, H, W), got shape {tuple(x.shape)}")
+        if x.shape[1] != channels:
+            raise ValueError(f"AutoencoderKL: {what} must have {channels} channels, got {x.shape[1]}")
+        if x.shape[2] % multiple or x.shape[3] % multiple:
+            got = f"{x.shape[2]}x{x.shape[3]}"
+            raise ValueError(f"AutoencoderKL: {what} sides must be multiples of {multiple}, got {got}")
+
+
+# --------------------------------------------------------------------------- tiling
+def _tile_starts(length: int, tile: int, overlap: int) -> list[int]:
+    """Offsets of `tile`-sized tiles covering [0, length) at a stride of tile - overlap,
+    the last one flush with the far edge (so it may overlap its neighbour more)."""
+    if length <= tile:
+        return [0]
+    return [*range(0, length - tile, tile - overlap), length - tile]
+
+
+def _ramp(start: int, size: int, length: int, overlap: int, like: torch.Tensor) -> torch.Tensor:
+    """1-D blend weights of the tile [start, start + size) of [0, length): 1 inside, and a
+    linear ramp (0.5/overlap ... 1 - 0.5/overlap) over `overlap` pixels on each side that
+    has a neighbouring tile. Never 0, so every pixel has positive total weight."""
+    w = torch.ones(size, dtype=like.dtype, device=like.device)
+    if overlap > 0:
+        ramp = (torch.arange(overlap, dtype=like.dtype, device=like.device) + 0.5) / overlap
+        if start > 0:
+            w[:overlap] = torch.minimum(w[:overlap], ramp)
+        if start + size < length:
+            w[-overlap:] = torch.minimum(w[-overlap:], ramp.flip(0))
+    return w
+
+
+def _blend_tiles(
+    fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tile: int, overlap: int | None, *, up: int, down: int
+) -> torch.Tensor:
+    """Apply `fn` (which scales H and W by up/down) to overlapping tiles of `x` and blend.
+
+    `tile` and `overlap` (default a quarter tile) are input pixels, multiples of `down`.
+    Each tile's output is weighted by `_ramp` along y times `_ramp` along x, summed into
+    the output and divided by the summed weights: tiles cross-fade linearly in an overlap,
+    and the weights sum to 1 even where the last, edge-flush tile overlaps more. (diffusers'
+    `tiled_decode` blends neighbours pairwise with `blend_v` / `blend_h` and crops instead.)
+    A single tile covering `x` has weight 1 everywhere, so it gives exactly `fn(x)`.
+    """
+    overlap = tile // 4 // down * down if overlap is None else overlap
+    if not 0 <= overlap < tile or tile % down or overlap % down:
+        raise ValueError(f"tiling: need 0 <= overlap < tile_size, both multiples of {down}, got {overlap} and {tile}")
+    _, _, h, w = x.shape
+    th, tw = min(tile, h), min(tile, w)
+    out = total = None
+    for y in _tile_starts(h, tile, overlap):
+        for x0 in _tile_starts(w, tile, overlap):
+            t = fn(x[:, :, y : y + th, x0 : x0 + tw])  # (B, C', th*up/down, tw*up/down)
+            if out is None:
+                out = t.new_zeros(t.shape[0], t.shape[1], h * up // down, w * up // down)
+                total = t.new_zeros(h * up // down, w * up // down)
+            ys, xs, oh, ow, o = y * up // down, x0 * up // down, t.shape[2], t.shape[3], overlap * up // down
+            weight = _ramp(ys, oh, out.shape[2], o, t)[:, None] * _ramp(xs, ow, out.shape[3], o, t)[None, :]
+            out[:, :, ys : ys + oh, xs : xs + ow] += t * weight
+            total[ys : ys + oh, xs : xs + ow] += weight
+    return out / total
+
+
+# --------------------------------------------------------------------------- diffusers layout
+def diffusers_table(config: VAEConfig) -> KeyTable:
+    """Official names (ours) <-> diffusers `AutoencoderKL` names, generated from the config.
+
+    Renames: `down.l.block.i` -> `down_blocks.l.resnets.i`, `nin_shortcut` -> `conv_shortcut`,
+    `mid.block_1/2` -> `mid_block.resnets.0/1`, `mid.attn_1.{norm,q,k,v,proj_out}` ->
+    `mid_block.attentions.0.{group_norm,to_q,to_k,to_v,to_out.0}` (Linear (C, C) weights
+    there, 1x1 convs (C, C, 1, 1) here), `norm_out` -> `conv_norm_out`, and the decoder's
+    `up.l` -> `up_blocks.{n-1-l}` (diffusers counts in application order).
+    """
+    if config.embed_dim != config.z_channels:  # diffusers has one `latent_channels`
+        got = f"{config.embed_dim} and {config.z_channels}"
+        raise ValueError(f"diffusers_table: needs embed_dim == z_channels, got {got}")
+    rules: list[Rule] = []
+
+    def same(ours: str, theirs: str, names: tuple[str, ...] = ("weight", "bias")) -> None:
+        rules.extend(Rule(f"{ours}.{n}", (f"{theirs}.{n}",)) for n in names)
+
+    def resnet(ours: str, theirs: str, c_in: int, c_out: int) -> None:
+        for name in ("norm1", "conv1", "norm2", "conv2"):
+            same(f"{ours}.{name}", f"{theirs}.{name}")
+        if c_in != c_out:
+            same(f"{ours}.nin_shortcut", f"{theirs}.conv_shortcut")
+
+    def mid(part: str, c: int) -> None:
+        resnet(f"{part}.mid.block_1", f"{part}.mid_block.resnets.0", c, c)
+        resnet(f"{part}.mid.block_2", f"{part}.mid_block.resnets.1", c, c)
+        ours, theirs = f"{part}.mid.attn_1", f"{part}.mid_block.attentions.0"
+        same(f"{ours}.norm", f"{theirs}.group_norm")
+        for o, t in (("q", "to_q"), ("k", "to_k"), ("v", "to_v"), ("proj_out", "to_out.0")):
+            rules.append(Rule(f"{ours}.{o}.weight", (f"{theirs}.{t}.weight",), "linear_to_conv1x1"))
+            same(f"{ours}.{o}", f"{theirs}.{t}", ("bias",))
+
+    n, widths = len(config.ch_mult), [config.ch * m for m in config.ch_mult]
+    same("quant_conv", "quant_conv")
+    same("post_quant_conv", "post_quant_conv")
+    for part in ("encoder", "decoder"):
+        same(f"{part}.conv_in", f"{part}.conv_in")
+        mid(part, widths[-1])
+        same(f"{part}.norm_out", f"{part}.conv_norm_out")
+        same(f"{part}.conv_out", f"{part}.conv_out")
+    # encoder: level l in, level l out
+    c_in = config.ch
+    for lvl, c_out in enumerate(widths):
+        for i in range(config.num_res_blocks):
+            ours, theirs = f"encoder.down.{lvl}.block.{i}", f"encoder.down_blocks.{lvl}.resnets.{i}"
+            resnet(ours, theirs, c_in if i == 0 else c_out, c_out)
+        if lvl != n - 1:
+            same(f"encoder.down.{lvl}.downsample.conv", f"encoder.down_blocks.{lvl}.downsamplers.0.conv")
+        c_in = c_out
+    # decoder: official level lvl is diffusers' up_blocks[n - 1 - lvl]
+    c_in = widths[-1]
+    for lvl in reversed(range(n)):
+        theirs, c_out = f"decoder.up_blocks.{n - 1 - lvl}", widths[lvl]
+        for i in range(config.num_res_blocks + 1):
+            resnet(f"decoder.up.{lvl}.block.{i}", f"{theirs}.resnets.{i}", c_in if i == 0 else c_out, c_out)
+        if lvl != 0:
+            same(f"decoder.up.{lvl}.upsample.conv", f"{theirs}.upsamplers.0.conv")
+        c_in = c_out
+    return KeyTable("diffusers AutoencoderKL", tuple(rules))

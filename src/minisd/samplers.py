@@ -1,0 +1,601 @@
+"""Denoisers, classifier-free guidance and samplers, as pure functions.
+
+The U-Net is wrapped as a denoiser D(x, sigma, **cond) -> x0 estimate (Karras et al.
+2022, "EDM"), and every sampler is a function
+
+    sample_x(denoiser, x, sigmas, *, generator=None, callback=None, ...) -> x
+
+over a decreasing fp32 sigma array (see `minisd.schedules`). x is in the
+variance-exploding form x = x0 + sigma * n (k-diffusion's convention). There is no
+scheduler object and no step counter: the whole state of a sampler is local to its
+loop. Tensor arithmetic happens in x's dtype (pass fp32 latents); the scalar step
+coefficients are computed in Python floats from the fp32 sigmas; only the model's
+input and output are cast (`DiscreteDenoiser.model_dtype`).
+
+Callbacks: `callback({"i", "x", "sigma", "sigma_next", "denoised"})` runs once per
+step, after the first denoiser call of step i (x is the state at `sigma`). To cancel,
+return `False`: the sampler stops and returns that step's `denoised`, the current
+estimate of the clean sample (sigma = 0). An exception raised in the callback
+propagates unchanged.
+
+Named samplers (`SAMPLERS`, `plan_sampler`) reproduce these diffusers schedulers,
+each built on the official SD scheduler config (beta_start=0.00085, beta_end=0.012,
+beta_schedule="scaled_linear", num_train_timesteps=1000, steps_offset=1,
+timestep_spacing="leading", clip_sample=False, set_alpha_to_one=False, and the
+model's prediction_type):
+
+    minisd name             diffusers scheduler (extra config)
+    ddim                    DDIMScheduler  (step(eta=...) <-> sample_ddim(eta=...); ends at sigma(t=0))
+    euler                   EulerDiscreteScheduler
+    euler_a                 EulerAncestralDiscreteScheduler
+    heun                    HeunDiscreteScheduler
+    lms                     LMSDiscreteScheduler  (step order 4)
+    dpmpp_2m                DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=2)
+    dpmpp_2m_sde            DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++", solver_order=2)
+    <name>_karras           the same with use_karras_sigmas=True   (euler, heun, lms, dpmpp_2m, dpmpp_2m_sde)
+    <name>_exponential      the same with use_exponential_sigmas=True   (euler, heun, lms)
+
+tests/test_samplers.py checks each against diffusers step by step.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import torch
+
+from minisd.schedules import (
+    DiscreteSchedule,
+    discrete_sigmas,
+    exponential_sigmas,
+    init_noise_sigma,
+    karras_sigmas,
+)
+
+Denoiser = Callable[..., torch.Tensor]  # D(x, sigma, **cond) -> denoised x, sigma of shape (B,)
+Callback = Callable[[dict], bool | None]  # return False to stop
+Sampler = Callable[..., torch.Tensor]
+
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+# ----------------------------------------------------------------------------------
+# Denoisers
+# ----------------------------------------------------------------------------------
+
+
+def denoiser_scalings(sigma: torch.Tensor, prediction_type: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(c_skip, c_out, c_in) with D(x) = c_skip x + c_out F(c_in x), sigma_data = 1.
+
+    Karras et al. 2022, Table 1, for a DDPM in VE form: c_in = 1 / sqrt(sigma^2 + 1)
+    turns x into the DDPM's unit-variance input sqrt(alphabar) x.
+      - "epsilon" (F predicts the noise):  c_skip = 1, c_out = -sigma.
+      - "v_prediction" (F predicts v = sqrt(alphabar) n - sqrt(1-alphabar) x0,
+        Salimans & Ho 2022): c_skip = 1 / (sigma^2 + 1), c_out = -sigma / sqrt(sigma^2 + 1).
+    """
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type: expected one of {PREDICTION_TYPES}, got {prediction_type!r}")
+    c_in = 1 / (sigma**2 + 1) ** 0.5
+    if prediction_type == "epsilon":
+        return torch.ones_like(sigma), -sigma, c_in
+    return 1 / (sigma**2 + 1), -sigma / (sigma**2 + 1) ** 0.5, c_in
+
+
+@dataclass(frozen=True, eq=False)
+class DiscreteDenoiser:
+    """D(x, sigma, **cond) for a discrete-time DDPM model such as the SD U-Net.
+
+    The model is called as `model(c_in * x, t, **cond)` with t = schedule.sigma_to_t(sigma)
+    (fp32, fractional between table entries, as k-diffusion and diffusers' Euler-type
+    schedulers do; integer for the spaced schedules). `quantize=True` rounds t to the
+    nearest trained timestep, which is what diffusers' DPMSolverMultistepScheduler does
+    with Karras sigmas. `model_dtype` (e.g. torch.float16) is the dtype of the model's
+    input; its output is cast back to x's dtype (the conditioning tensors are passed as
+    given). The prediction type lives here only.
+    """
+
+    model: Callable[..., torch.Tensor]
+    schedule: DiscreteSchedule
+    prediction_type: str = "epsilon"
+    quantize: bool = False
+    model_dtype: torch.dtype | None = None
+
+    def __post_init__(self) -> None:
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type: expected one of {PREDICTION_TYPES}, got {self.prediction_type!r}")
+
+    def scalings(self, sigma: torch.Tensor, ndim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`denoiser_scalings` shaped (B, 1, ..., 1) to broadcast against a ndim-D x."""
+        shape = (-1,) + (1,) * (ndim - 1)
+        return tuple(c.reshape(shape) for c in denoiser_scalings(sigma, self.prediction_type))
+
+    def model_output(self, x: torch.Tensor, sigma: torch.Tensor, **cond: torch.Tensor) -> torch.Tensor:
+        """The raw model prediction F (eps or v) at (x, sigma), in x's dtype."""
+        _, _, c_in = self.scalings(sigma, x.ndim)
+        t = self.schedule.sigma_to_t(sigma, quantize=self.quantize)
+        x_in = (x * c_in).to(self.model_dtype or x.dtype)
+        return self.model(x_in, t, **cond).to(x.dtype)
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **cond: torch.Tensor) -> torch.Tensor:
+        c_skip, c_out, _ = self.scalings(sigma, x.ndim)
+        return c_skip * x + c_out * self.model_output(x, sigma, **cond)
+
+
+def rescale_guidance(guided: torch.Tensor, cond_output: torch.Tensor, phi: float) -> torch.Tensor:
+    """Guidance rescale (Lin et al. 2023, Section 3.4, eqs. 15-16; diffusers' `rescale_noise_cfg`).
+
+    x_rescaled = x_cfg * std(x_pos) / std(x_cfg)  (per sample), then
+    x_final = phi * x_rescaled + (1 - phi) * x_cfg.
+    """
+    dims = list(range(1, guided.ndim))
+    std_pos = cond_output.std(dim=dims, keepdim=True)
+    std_cfg = guided.std(dim=dims, keepdim=True)
+    return phi * (guided * (std_pos / std_cfg)) + (1 - phi) * guided
+
+
+def cfg_denoiser(
+    denoiser: DiscreteDenoiser,
+    cond: Mapping[str, torch.Tensor],
+    uncond: Mapping[str, torch.Tensor],
+    scale: float,
+    rescale: float = 0.0,
+) -> Denoiser:
+    """Classifier-free guidance (Ho & Salimans 2022) wrapped around a denoiser.
+
+    Each call runs the model ONCE on the batch [uncond, cond] (diffusers' order; every
+    conditioning tensor is concatenated along the batch axis) and combines the outputs
+
+        F = F_uncond + scale * (F_cond - F_uncond),
+
+    optionally followed by `rescale_guidance(F, F_cond, rescale)`. Guidance is applied to
+    the model output F (eps or v) as diffusers does; since D is affine in F with
+    weights summing to one, this is the same as guiding D, but the rescale's standard
+    deviations are those of F. Returns D(x, sigma) for the samplers.
+    """
+    if set(cond) != set(uncond):
+        raise ValueError(f"cond and uncond must have the same keys, got {sorted(cond)} and {sorted(uncond)}")
+    if not 0.0 <= rescale <= 1.0:
+        raise ValueError(f"rescale: expected a value in [0, 1], got {rescale}")
+    for key in cond:
+        if cond[key].shape != uncond[key].shape:
+            raise ValueError(f"cond[{key!r}] has shape {tuple(cond[key].shape)}, uncond {tuple(uncond[key].shape)}")
+    cond_in = {key: torch.cat([uncond[key], cond[key]]) for key in cond}
+
+    def guided(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        for key, value in cond.items():
+            if value.shape[0] != x.shape[0]:
+                raise ValueError(f"cond[{key!r}] has batch {value.shape[0]}, x has batch {x.shape[0]}")
+        out_uncond, out_cond = denoiser.model_output(torch.cat([x, x]), torch.cat([sigma, sigma]), **cond_in).chunk(2)
+        out = out_uncond + scale * (out_cond - out_uncond)
+        if rescale > 0:
+            out = rescale_guidance(out, out_cond, rescale)
+        c_skip, c_out, _ = denoiser.scalings(sigma, x.ndim)
+        return c_skip * x + c_out * out
+
+    return guided
+
+
+# ----------------------------------------------------------------------------------
+# Shared pieces of the samplers
+# ----------------------------------------------------------------------------------
+
+
+def _sigma_list(sigmas: torch.Tensor) -> list[float]:
+    """The schedule as Python floats, checked: 1-D, >= 2 entries, strictly decreasing, >= 0."""
+    if sigmas.ndim != 1 or sigmas.numel() < 2:
+        raise ValueError(f"sigmas: expected a 1-D schedule with >= 2 entries, got shape {tuple(sigmas.shape)}")
+    values = sigmas.tolist()
+    if any(b >= a for a, b in zip(values, values[1:])) or values[-1] < 0:
+        raise ValueError(f"sigmas: expected strictly decreasing values >= 0, got {values}")
+    return values
+
+
+def _batch_sigma(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    return x.new_full((x.shape[0],), sigma)
+
+
+def _randn_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Standard normal noise drawn on the generator's device (as diffusers' `randn_tensor`)."""
+    device = generator.device if generator is not None else x.device
+    return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
+
+
+def _cancelled(
+    callback: Callback | None, i: int, x: torch.Tensor, sigma: float, sigma_next: float, denoised: torch.Tensor
+) -> bool:
+    if callback is None:
+        return False
+    info = {"i": i, "x": x, "sigma": sigma, "sigma_next": sigma_next, "denoised": denoised}
+    return callback(info) is False
+
+
+def ancestral_step(sigma: float, sigma_next: float, eta: float = 1.0) -> tuple[float, float]:
+    """(sigma_down, sigma_up) of an ancestral step from sigma to sigma_next.
+
+    The DDPM posterior q(x_{t-1} | x_t, x0) in VE form has standard deviation
+    sigma_up = sqrt(sigma_next^2 (sigma^2 - sigma_next^2) / sigma^2); eta scales it
+    (DDIM's eta, Song et al. 2021, eq. 16). The deterministic part moves to
+    sigma_down = sqrt(sigma_next^2 - sigma_up^2), so that sigma_down^2 + sigma_up^2 = sigma_next^2.
+    """
+    if not 0.0 <= eta <= 1.0:
+        raise ValueError(f"eta: expected a value in [0, 1], got {eta}")
+    if sigma_next == 0:
+        return 0.0, 0.0
+    sigma_up = eta * math.sqrt(sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2)
+    return math.sqrt(sigma_next**2 - sigma_up**2), sigma_up
+
+
+# ----------------------------------------------------------------------------------
+# Samplers
+# ----------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def sample_ddim(
+    denoiser: Denoiser,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    *,
+    eta: float = 0.0,
+    generator: torch.Generator | None = None,
+    callback: Callback | None = None,
+) -> torch.Tensor:
+    """DDIM (Song et al. 2021, eq. 12), written in sigma space.
+
+    With x_t = x_vp / sqrt(alphabar_t) and sigma_t = sqrt((1 - alphabar_t) / alphabar_t),
+    eq. 12 divided by sqrt(alphabar_{t-1}) reads
+
+        x_next = x0_hat + sqrt(sigma_next^2 - sigma_up^2) * eps_hat + sigma_up * z,
+
+    with x0_hat = D(x, sigma), eps_hat = (x - x0_hat) / sigma and sigma_up the eq. 16
+    standard deviation over sqrt(alphabar_{t-1}) (`ancestral_step`). eta = 0 is the
+    deterministic DDIM (and equals Euler's method); eta = 1 is DDPM's ancestral sampler.
+    One noise draw per step from `generator`, as diffusers' DDIMScheduler.
+    """
+    schedule = _sigma_list(sigmas)
+    for i, (sigma, sigma_next) in enumerate(zip(schedule, schedule[1:])):
+        denoised = denoiser(x, _batch_sigma(x, sigma))
+        if _cancelled(callback, i, x, sigma, sigma_next, denoised):
+            return denoised
+        eps = (x - denoised) / sigma
+        sigma_down, sigma_up = ancestral_step(sigma, sigma_next, eta)
+        x = denoised + sigma_down * eps
+        if eta > 0 and sigma_next > 0:
+            x = x + sigma_up * _randn_like(x, generator)
+    return x
+
+
+@torch.no_grad()
+def sample_euler(
+    denoiser: Denoiser,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    *,
+    generator: torch.Generator | None = None,
+    callback: Callback | None = None,
+) -> torch.Tensor:
+    """Euler's method on the probability-flow ODE dx/dsigma = (x - D(x; sigma)) / sigma.
+
+    Karras et al. 2022, Algorithm 2 with S_churn = 0 and Euler steps (Algorithm 1 without
+    its correction). No noise is added, so `generator` is unused; it is accepted so that
+    every sampler has the same signature.
+    """
+    schedule = _sigma_list(sigmas)
+    for i, (sigma, sigma_next) in enumerate(zip(schedule, schedule[1:])):
+        denoised = denoiser(x, _batch_sigma(x, sigma))
+        if _cancelled(callback, i, x, sigma, sigma_next, denoised):
+            return denoised
+        d = (x - denoised) / sigma
+        x = x + d * (sigma_next - sigma)
+    return x
+
+
+@torch.no_grad()
+def sample_euler_ancestral(
+    denoiser: Denoiser,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    *,
+    eta: float = 1.0,
+    generator: torch.Generator | None = None,
+    callback: Callback | None = None,
+) -> torch.Tensor:
+    """Ancestral sampling with Euler steps (k-diffusion `sample_euler_ancestral`).
+
+    Each step takes an Euler step down to sigma_down and adds fresh noise of standard
+    deviation sigma_up (`ancestral_step`), landing at sigma_next. With eta = 1 this is
+    DDPM's ancestral sampler (Ho et al. 2020) in VE form.
+    """
+    schedule = _sigma_list(sigmas)
+    for i, (sigma, sigma_next) in enumerate(zip(schedule, schedule[1:])):
+        denoised = denoiser(x, _batch_sigma(x, sigma))
+        if _cancelled(callback, i, x, sigma, sigma_next, denoised):
+            return denoised
+        sigma_down, sigma_up = ancestral_step(sigma, sigma_next, eta)
+        d = (x - denoised) / sigma
+        x = x + d * (sigma_down - sigma)
+        if sigma_next > 0:
+            x = x + sigma_up * _randn_like(x, generator)
+    return x
+
+
+@torch.no_grad()
+def sample_heun(
+    denoiser: Denoiser,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    *,
+    generator: torch.Generator | None = None,
+    callback: Callback | None = None,
+) -> torch.Tensor:
+    """Heun's 2nd-order method, Karras et al. 2022, Algorithm 1 (= Algorithm 2 with S_churn = 0).
+
+    An Euler step to sigma_next, then the trapezoidal correction with the slope
+    d' = (x_next - D(x_next; sigma_next)) / sigma_next; the last step (to sigma = 0) is
+    plain Euler. Two denoiser calls per step but the last.
+    """
+    schedule = _sigma_list(sigmas)
+    for i, (sigma, sigma_next) in enumerate(zip(schedule, schedule[1:])):
+        denoised = denoiser(x, _batch_sigma(x, sigma))
+        if _cancelled(callback, i, x, sigma, sigma_next, denoised):
+            return denoised
+        d = (x - denoised) / sigma
+        dt = sigma_next - sigma
+        x_next = x + d * dt
+        if sigma_next > 0:
+            denoised_next = denoiser(x_next, _batch_sigma(x, sigma_next))
+            d_prime = (x_next - denoised_next) / sigma_next
+            x_next = x + (d + d_prime) / 2 * dt
+        x = x_next
+    return x
+
+
+def lms_coefficient(sigmas: list[float], i: int, j: int, order: int) -> float:
+    """Integral over [sigma_i, sigma_{i+1}] of the Lagrange basis polynomial l_j through
+    sigma_i, sigma_{i-1}, ..., sigma_{i-order+1} (l_j = 1 at sigma_{i-j}).
+
+    diffusers and k-diffusion integrate it numerically with `scipy.integrate.quad`; the
+    integrand is a polynomial of degree order-1, so minisd expands it and integrates
+    it exactly (in float64, in the variable u = tau - sigma_i to avoid cancellation).
+    """
+    if not 0 <= j < order <= i + 1:
+        raise ValueError(f"LMS coefficient needs 0 <= j < order <= i + 1, got i={i}, j={j}, order={order}")
+    poly = [1.0]  # coefficients of l_j(sigma_i + u), lowest degree first
+    for k in range(order):
+        if k == j:
+            continue
+        root = sigmas[i - k] - sigmas[i]
+        scale = sigmas[i - j] - sigmas[i - k]
+        # poly <- poly * (u - root) / scale
+        u_times_poly = [0.0] + poly
+        root_times_poly = [root * c for c in poly] + [0.0]
+        poly = [(a - b) / scale for a, b in zip(u_times_poly, root_times_poly)]
+    h = sigmas[i + 1] - sigmas[i]
+    return sum(c * h ** (m + 1) / (m + 1) for m, c in enumerate(poly))
+
+
+@torch.no_grad()
+def sample_lms(
+    denoiser: Denoiser,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    *,
+    order: int = 4,
+    generator: torch.Generator | None = None,
+    callback: Callback | None = None,
+) -> torch.Tensor:
+    """Linear multistep method on the probability-flow ODE (k-diffusion `sample_lms`).
+
+    x_{i+1} = x_i + sum_j c_ij d_{i-j}, with d the ODE slopes (x - D) / sigma of the last
+    `order` steps and c_ij the integrated Lagrange coefficients (`lms_coefficient`); the
+    order ramps up 1, 2, ... over the first steps (an Adams-Bashforth method in sigma).
+    """
+    if order < 1:
+        raise ValueError(f"order: expected an integer >= 1, got {order}")
+    schedule = _sigma_list(sigmas)
+    slopes: list[torch.Tensor] = []
+    for i, (sigma, sigma_next) in enumerate(zip(schedule, schedule[1:])):
+        denoised = denoiser(x, _batch_sigma(x, sigma))
+        if _cancelled(callback, i, x, sigma, sigma_next, denoised):
+            return denoised
+        slopes = (slopes + [(x - denoised) / sigma])[-order:]
+        cur_order = len(slopes)
+        coeffs = [lms_coefficient(schedule, i, j, cur_order) for j in range(cur_order)]
+        x = x + sum(c * d for c, d in zip(coeffs, reversed(slopes)))
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_2m(
+    denoiser: Denoiser,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    *,
+    generator: torch.Generator | None = None,
+    callback: Callback | None = None,
+) -> torch.Tensor:
+    """DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++", Algorithm 2; k-diffusion `sample_dpmpp_2m`).
+
+    In lambda = -log(sigma) (half the log-SNR), with h = lambda_next - lambda:
+
+        x_next = (sigma_next / sigma) x - expm1(-h) D_hat,
+        D_hat = (1 + 1/(2r)) D_i - 1/(2r) D_{i-1},  r = h_{i-1} / h_i,
+
+    a multistep data-prediction solver; the first step and the step to sigma = 0 are
+    first order (D_hat = D_i; the latter gives x_next = D_i). `generator` is unused.
+    """
+    schedule = _sigma_list(sigmas)
+    old_denoised, h_last = None, None
+    for i, (sigma, sigma_next) in enumerate(zip(schedule, schedule[1:])):
+        denoised = denoiser(x, _batch_sigma(x, sigma))
+        if _cancelled(callback, i, x, sigma, sigma_next, denoised):
+            return denoised
+        if sigma_next == 0:
+            x = denoised
+            continue
+        h = math.log(sigma) - math.log(sigma_next)
+        if old_denoised is None:
+            denoised_hat = denoised
+        else:
+            r = h_last / h
+            denoised_hat = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old_denoised
+        x = (sigma_next / sigma) * x - math.expm1(-h) * denoised_hat
+        old_denoised, h_last = denoised, h
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_2m_sde(
+    denoiser: Denoiser,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    *,
+    eta: float = 1.0,
+    generator: torch.Generator | None = None,
+    callback: Callback | None = None,
+) -> torch.Tensor:
+    """DPM-Solver++(2M) SDE, midpoint variant (Lu et al. 2022; k-diffusion `sample_dpmpp_2m_sde`).
+
+    The SDE counterpart of `sample_dpmpp_2m`: with h = lambda_next - lambda and eta_h = eta h,
+
+        x_next = (sigma_next / sigma) e^(-eta_h) x + (1 - e^(-h - eta_h)) D_i
+                 + 1/2 (1 - e^(-h - eta_h)) (D_i - D_{i-1}) / r
+                 + sigma_next sqrt(1 - e^(-2 eta_h)) z,
+
+    the second line from the second step on (r = h_{i-1} / h_i). eta = 1 is diffusers'
+    DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++"). z is drawn once per
+    step from `generator` (k-diffusion defaults to a Brownian tree instead).
+    """
+    if not 0.0 <= eta <= 1.0:
+        raise ValueError(f"eta: expected a value in [0, 1], got {eta}")
+    schedule = _sigma_list(sigmas)
+    old_denoised, h_last = None, None
+    for i, (sigma, sigma_next) in enumerate(zip(schedule, schedule[1:])):
+        denoised = denoiser(x, _batch_sigma(x, sigma))
+        if _cancelled(callback, i, x, sigma, sigma_next, denoised):
+            return denoised
+        if sigma_next == 0:
+            x = denoised
+            continue
+        h = math.log(sigma) - math.log(sigma_next)
+        eta_h = eta * h
+        weight = -math.expm1(-h - eta_h)  # 1 - e^(-h - eta_h)
+        x = (sigma_next / sigma) * math.exp(-eta_h) * x + weight * denoised
+        if old_denoised is not None:
+            r = h_last / h
+            x = x + (0.5 * weight / r) * (denoised - old_denoised)
+        if eta > 0:
+            x = x + sigma_next * math.sqrt(-math.expm1(-2 * eta_h)) * _randn_like(x, generator)
+        old_denoised, h_last = denoised, h
+    return x
+
+
+# ----------------------------------------------------------------------------------
+# Registry: diffusers-like names
+# ----------------------------------------------------------------------------------
+
+SAMPLERS: dict[str, Sampler] = {
+    "ddim": sample_ddim,
+    "euler": sample_euler,
+    "euler_a": sample_euler_ancestral,
+    "heun": sample_heun,
+    "lms": sample_lms,
+    "dpmpp_2m": sample_dpmpp_2m,
+    "dpmpp_2m_sde": sample_dpmpp_2m_sde,
+}
+
+# Which of diffusers' timestep formulas each sampler's scheduler uses (schedules.TIMESTEP_FAMILIES).
+_TIMESTEP_FAMILY = {
+    "ddim": "ddim",
+    "euler": "euler",
+    "euler_a": "euler",
+    "heun": "euler",
+    "lms": "euler",
+    "dpmpp_2m": "dpm_solver",
+    "dpmpp_2m_sde": "dpm_solver",
+}
+# Sigma schedules each sampler accepts: the ones its diffusers scheduler supports
+# (EulerAncestral and DDIM have no Karras option; DPM-Solver truncates exponential
+# schedules' fractional timesteps to integers, which minisd does not copy).
+_SIGMA_SCHEDULES = {
+    "ddim": ("discrete",),
+    "euler": ("discrete", "karras", "exponential"),
+    "euler_a": ("discrete",),
+    "heun": ("discrete", "karras", "exponential"),
+    "lms": ("discrete", "karras", "exponential"),
+    "dpmpp_2m": ("discrete", "karras"),
+    "dpmpp_2m_sde": ("discrete", "karras"),
+}
+SAMPLER_NAMES = tuple(
+    base if kind == "discrete" else f"{base}_{kind}" for base, kinds in _SIGMA_SCHEDULES.items() for kind in kinds
+)
+
+
+@dataclass(frozen=True, eq=False)
+class SamplerPlan:
+    """What a pipeline needs to reproduce one diffusers scheduler run.
+
+    Build the denoiser with `quantize=plan.quantize`, start from
+    x = noise * plan.init_noise_sigma (VE form), and call
+    `plan.sampler(denoiser, x, plan.sigmas, generator=..., callback=...)`. The result is
+    at noise level sigmas[-1]; `schedules.to_variance_preserving(x, sigmas[-1])` is the
+    latent diffusers would decode (identical to x when sigmas[-1] == 0).
+    """
+
+    name: str
+    sampler: Sampler
+    sigmas: torch.Tensor
+    quantize: bool
+    init_noise_sigma: float
+
+
+def plan_sampler(
+    name: str,
+    schedule: DiscreteSchedule,
+    steps: int,
+    *,
+    spacing: str = "leading",
+    steps_offset: int = 1,
+) -> SamplerPlan:
+    """The sampler, sigma schedule and start of diffusers-like sampler `name` (see `SAMPLER_NAMES`).
+
+    spacing / steps_offset are diffusers' `timestep_spacing` / `steps_offset`; the
+    defaults are those of the official SD1, SD2 and SDXL scheduler configs. Karras and
+    exponential schedules span, like diffusers, the spaced timesteps' sigmas for the
+    Euler-type schedulers and the whole training table for DPM-Solver.
+
+    DDIM steps between consecutive scheduled timesteps and ends at sigma(t=0)
+    (`set_alpha_to_one=False`). diffusers' DDIMScheduler steps to t - T // steps instead,
+    which is the next timestep for "leading" spacing and for "trailing" when steps
+    divides T, but not otherwise.
+    """
+    if name not in SAMPLER_NAMES:
+        raise ValueError(f"sampler: expected one of {SAMPLER_NAMES}, got {name!r}")
+    base, kind = name, "discrete"
+    for suffix in ("karras", "exponential"):
+        if name.endswith("_" + suffix):
+            base, kind = name[: -len(suffix) - 1], suffix
+    family = _TIMESTEP_FAMILY[base]
+    final_sigma = "sigma_min" if base == "ddim" else "zero"
+    sigmas = discrete_sigmas(
+        schedule, steps, spacing, steps_offset=steps_offset, family=family, final_sigma=final_sigma
+    )
+    if kind != "discrete":
+        if family == "dpm_solver":
+            sigma_min, sigma_max = schedule.sigma_min, schedule.sigma_max
+        else:
+            sigma_min, sigma_max = float(sigmas[-2]), float(sigmas[0])
+        make = karras_sigmas if kind == "karras" else exponential_sigmas
+        sigmas = make(steps, sigma_min, sigma_max)
+    # diffusers' DDIM / DPM-Solver start from a unit-variance VP latent; its Euler-type
+    # schedulers do so only for "leading" spacing (their `init_noise_sigma`).
+    variance_preserving = family != "euler" or spacing == "leading"
+    return SamplerPlan(
+        name=name,
+        sampler=SAMPLERS[base],
+        sigmas=sigmas,
+        quantize=family == "dpm_solver" and kind == "karras",
+        init_noise_sigma=init_noise_sigma(sigmas, variance_preserving=variance_preserving),
+    )

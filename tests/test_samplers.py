@@ -1,0 +1,769 @@
+"""Tests for minisd.schedules and minisd.samplers.
+
+1. Parity with diffusers' schedulers, step by step, on a toy "U-Net" (a fixed smooth
+   function of (x, t)): every sampler, eps and v prediction, the official SD config.
+2. The sigma / timestep schedules against diffusers' `sigmas` / `timesteps`.
+3. Invariants on an analytic Gaussian data distribution, whose exact denoiser and
+   probability-flow ODE solution are known in closed form.
+4. Schedule invariants, guidance, callbacks, img2img start, and errors.
+
+Tolerances. Trajectories are compared with `assert_rel_close` (max abs error over
+max |expected|) at 1e-5: both sides run fp32 arithmetic (measured agreement ~1e-7 to
+1e-6 after 20 steps); the differences are round-off only, because diffusers writes
+DDIM and DPM-Solver in the variance-preserving form (minisd divides by
+sqrt(alphabar) instead) and computes step coefficients in fp32 tensors (minisd in
+Python floats from the same fp32 sigmas). Looser tolerances are stated where used.
+"""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from minisd.samplers import (
+    SAMPLER_NAMES,
+    SAMPLERS,
+    DiscreteDenoiser,
+    cfg_denoiser,
+    denoiser_scalings,
+    lms_coefficient,
+    plan_sampler,
+    rescale_guidance,
+    sample_ddim,
+    sample_dpmpp_2m,
+    sample_dpmpp_2m_sde,
+    sample_euler,
+    sample_euler_ancestral,
+    sample_heun,
+    sample_lms,
+)
+from minisd.schedules import (
+    DiscreteSchedule,
+    ddpm_alphas_cumprod,
+    discrete_sigmas,
+    discrete_timesteps,
+    exponential_sigmas,
+    from_variance_preserving,
+    img2img_sigmas,
+    img2img_start,
+    init_noise_sigma,
+    karras_sigmas,
+    rescale_zero_terminal_snr,
+    scaled_linear_betas,
+    split_sigmas,
+    to_variance_preserving,
+)
+from tests.utils import assert_rel_close
+
+from diffusers import (
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    HeunDiscreteScheduler,
+    LMSDiscreteScheduler,
+)
+
+# The official SD scheduler config (SD1.x PNDM / SD2.x DDIM / SDXL Euler
+# scheduler_config.json and diffusers' single-file SCHEDULER_DEFAULT_CONFIG); each
+# scheduler class picks the keys it knows, as `from_config(pipe.scheduler.config)` does.
+OFFICIAL = dict(
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    num_train_timesteps=1000,
+    steps_offset=1,
+    timestep_spacing="leading",
+    clip_sample=False,
+    set_alpha_to_one=False,
+    skip_prk_steps=True,
+    interpolation_type="linear",
+)
+PREDICTIONS = ("epsilon", "v_prediction")
+STEPS = 20
+
+
+def make_scheduler(cls, prediction_type: str, **extra):
+    return cls.from_config({**OFFICIAL, "prediction_type": prediction_type, **extra})
+
+
+def toy_unet(x: torch.Tensor, t, context: torch.Tensor | None = None) -> torch.Tensor:
+    """A fixed stand-in for the U-Net: nonlinear in x, mixes channels, and depends on t
+    strongly enough that a timestep off by one changes the output by ~1e-2.
+    t is diffusers' 0-d timestep or minisd's (B,) timesteps."""
+    t = torch.as_tensor(t, dtype=torch.float32).reshape(-1, *([1] * (x.ndim - 1)))
+    out = torch.tanh(0.5 * x) * (1 + 0.5 * torch.sin(t / 37.0)) + 0.1 * torch.cos(0.3 * x.flip(1) + t / 250.0)
+    if context is not None:
+        # (B, L, D) -> a per-sample, per-channel shift, so guidance has an effect
+        out = out + 0.5 * torch.tanh(context.mean(dim=1))[:, : x.shape[1], None, None] * torch.sigmoid(x)
+    return out
+
+
+def initial_noise() -> torch.Tensor:
+    return torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+
+
+def run_diffusers(scheduler, noise, steps, *, seed=None, eta=None, x0=None, strength=None):
+    """diffusers' denoising loop (scale_model_input, unet, step); returns the latents after
+    each complete step (Heun: after its correction) and the timesteps the model saw."""
+    scheduler.set_timesteps(steps)
+    timesteps = scheduler.timesteps
+    if x0 is None:
+        latents = noise * scheduler.init_noise_sigma
+    else:  # StableDiffusionImg2ImgPipeline: get_timesteps, then add_noise at the first one
+        from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img import (
+            StableDiffusionImg2ImgPipeline,
+        )
+
+        timesteps, _ = StableDiffusionImg2ImgPipeline.get_timesteps(
+            SimpleNamespace(scheduler=scheduler), steps, strength, "cpu"
+        )
+        latents = scheduler.add_noise(x0, noise, timesteps[:1])
+    generator = None if seed is None else torch.Generator().manual_seed(seed)
+    states, seen = [latents], []
+    for k, t in enumerate(timesteps):
+        seen.append(float(t))
+        out = toy_unet(scheduler.scale_model_input(latents, t), t)
+        kwargs = {} if generator is None else {"generator": generator}
+        if eta is not None:
+            kwargs["eta"] = eta
+        latents = scheduler.step(out, t, latents, **kwargs).prev_sample
+        # Heun completes a step after its correction; its last step is a lone Euler step.
+        if getattr(scheduler, "state_in_first_order", True) or k == len(timesteps) - 1:
+            states.append(latents)
+    return states, seen
+
+
+def run_minisd(sampler, sigmas, x, schedule, prediction_type, *, quantize=False, seed=None, vp=False, **kwargs):
+    """Our sampler with the same toy model; the states at each sigma (VP form if `vp`)."""
+    seen = []
+
+    def model(x_in, t):
+        seen.append(float(t[0]))
+        return toy_unet(x_in, t)
+
+    denoiser = DiscreteDenoiser(model, schedule, prediction_type, quantize=quantize)
+    generator = None if seed is None else torch.Generator().manual_seed(seed)
+    states = [x]
+    callback = lambda info: states.append(info["x"]) if info["i"] > 0 else None  # noqa: E731
+    states.append(sampler(denoiser, x, sigmas, generator=generator, callback=callback, **kwargs))
+    if vp:
+        states = [to_variance_preserving(s, sigma) for s, sigma in zip(states, sigmas.tolist())]
+    return states, seen
+
+
+def assert_same_run(ours, theirs, rel=1e-5, t_atol=1e-3):
+    (our_states, our_t), (their_states, their_t) = ours, theirs
+    assert len(our_states) == len(their_states), f"{len(our_states)} states != diffusers' {len(their_states)}"
+    for i, (a, b) in enumerate(zip(our_states, their_states)):
+        assert_rel_close(a, b, rel, f"state {i}")
+    # The timesteps the model was called with. Integer ones agree exactly; fractional
+    # ones (Karras / exponential) come from float64 log-sigma interpolation on both
+    # sides, of a sigma rounded to fp32 on ours: within 1e-3 of a timestep, which
+    # moves the toy model's output by < 1e-5.
+    assert len(our_t) == len(their_t)
+    np.testing.assert_allclose(our_t, their_t, rtol=0, atol=t_atol)
+
+
+# (minisd name, diffusers class, extra diffusers config, diffusers works in VP form, stochastic)
+PARITY_CASES = [
+    ("ddim", DDIMScheduler, {}, True, False),
+    ("euler", EulerDiscreteScheduler, {}, False, False),
+    ("euler_a", EulerAncestralDiscreteScheduler, {}, False, True),
+    ("heun", HeunDiscreteScheduler, {}, False, False),
+    ("lms", LMSDiscreteScheduler, {}, False, False),
+    ("dpmpp_2m", DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}, True, False),
+    ("dpmpp_2m_sde", DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}, True, True),
+    ("euler_karras", EulerDiscreteScheduler, {"use_karras_sigmas": True}, False, False),
+    ("heun_karras", HeunDiscreteScheduler, {"use_karras_sigmas": True}, False, False),
+    ("lms_karras", LMSDiscreteScheduler, {"use_karras_sigmas": True}, False, False),
+    ("dpmpp_2m_karras", DPMSolverMultistepScheduler, {"use_karras_sigmas": True}, True, False),
+    (
+        "dpmpp_2m_sde_karras",
+        DPMSolverMultistepScheduler,
+        {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True},
+        True,
+        True,
+    ),
+    ("euler_exponential", EulerDiscreteScheduler, {"use_exponential_sigmas": True}, False, False),
+    ("heun_exponential", HeunDiscreteScheduler, {"use_exponential_sigmas": True}, False, False),
+    ("lms_exponential", LMSDiscreteScheduler, {"use_exponential_sigmas": True}, False, False),
+]
+
+
+# ----------------------------------------------------------------------------------
+# 1. Trajectory parity with diffusers
+# ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("prediction_type", PREDICTIONS)
+@pytest.mark.parametrize("name,cls,extra,vp,stochastic", PARITY_CASES, ids=[c[0] for c in PARITY_CASES])
+def test_sampler_matches_diffusers(name, cls, extra, vp, stochastic, prediction_type):
+    scheduler = make_scheduler(cls, prediction_type, **extra)
+    seed = 1 if stochastic else None
+    theirs = run_diffusers(scheduler, initial_noise(), STEPS, seed=seed)
+    # Same training table as diffusers (fp32 cumprod); ours in float64 is tested below.
+    schedule = DiscreteSchedule.from_alphas_cumprod(scheduler.alphas_cumprod)
+    plan = plan_sampler(name, schedule, STEPS)
+    x = initial_noise() * plan.init_noise_sigma
+    ours = run_minisd(plan.sampler, plan.sigmas, x, schedule, prediction_type, quantize=plan.quantize, seed=seed, vp=vp)
+    assert_same_run(ours, theirs)
+
+
+@pytest.mark.parametrize("prediction_type", PREDICTIONS)
+@pytest.mark.parametrize("eta", [0.0, 0.6, 1.0])
+def test_ddim_eta_matches_diffusers(eta, prediction_type):
+    # DDIMScheduler draws its variance noise with the generator, once per step.
+    scheduler = make_scheduler(DDIMScheduler, prediction_type)
+    theirs = run_diffusers(scheduler, initial_noise(), STEPS, seed=3, eta=eta)
+    schedule = DiscreteSchedule.from_alphas_cumprod(scheduler.alphas_cumprod)
+    plan = plan_sampler("ddim", schedule, STEPS)
+    x = initial_noise() * plan.init_noise_sigma
+    ours = run_minisd(sample_ddim, plan.sigmas, x, schedule, prediction_type, seed=3, vp=True, eta=eta)
+    assert_same_run(ours, theirs)
+
+
+SPACING_CASES = [
+    # (name, class, extra, vp, spacing, steps)
+    ("euler", EulerDiscreteScheduler, {}, False, "trailing", 7),
+    ("euler_a", EulerAncestralDiscreteScheduler, {}, False, "trailing", 10),
+    ("heun", HeunDiscreteScheduler, {}, False, "trailing", 9),
+    ("lms", LMSDiscreteScheduler, {}, False, "leading", 7),
+    ("ddim", DDIMScheduler, {}, True, "trailing", 25),  # 25 divides 1000, see plan_sampler
+    ("ddim", DDIMScheduler, {}, True, "leading", 7),
+    ("dpmpp_2m", DPMSolverMultistepScheduler, {}, True, "linspace", 9),
+    ("dpmpp_2m", DPMSolverMultistepScheduler, {}, True, "leading", 7),
+    ("dpmpp_2m", DPMSolverMultistepScheduler, {}, True, "trailing", 12),
+    ("euler_karras", EulerDiscreteScheduler, {"use_karras_sigmas": True}, False, "trailing", 8),
+]
+
+
+@pytest.mark.parametrize(
+    "name,cls,extra,vp,spacing,steps", SPACING_CASES, ids=[f"{c[0]}-{c[4]}-{c[5]}" for c in SPACING_CASES]
+)
+def test_spacings_match_diffusers(name, cls, extra, vp, spacing, steps):
+    scheduler = make_scheduler(cls, "epsilon", timestep_spacing=spacing, **extra)
+    seed = 5 if name == "euler_a" else None
+    theirs = run_diffusers(scheduler, initial_noise(), steps, seed=seed)
+    schedule = DiscreteSchedule.from_alphas_cumprod(scheduler.alphas_cumprod)
+    plan = plan_sampler(name, schedule, steps, spacing=spacing)
+    x = initial_noise() * plan.init_noise_sigma
+    ours = run_minisd(plan.sampler, plan.sigmas, x, schedule, "epsilon", quantize=plan.quantize, seed=seed, vp=vp)
+    assert_same_run(ours, theirs)
+
+
+def test_euler_linspace_fractional_timesteps():
+    # With "linspace" the Euler-type schedulers use fractional timesteps 999 k / (n-1).
+    # The model sees diffusers' timesteps (sigma_to_t inverts our log-sigma
+    # interpolation exactly), but diffusers interpolates sigma linearly between table
+    # entries where k-diffusion (and minisd) interpolate log sigma: the sigmas differ by
+    # < 7e-5 relative (largest near t = 0), so the trajectories agree to 1e-4, not 1e-5.
+    scheduler = make_scheduler(EulerDiscreteScheduler, "epsilon", timestep_spacing="linspace")
+    theirs = run_diffusers(scheduler, initial_noise(), STEPS)
+    schedule = DiscreteSchedule.from_alphas_cumprod(scheduler.alphas_cumprod)
+    plan = plan_sampler("euler", schedule, STEPS, spacing="linspace")
+    assert plan.init_noise_sigma == pytest.approx(float(scheduler.init_noise_sigma))  # sigma_max, not VP
+    assert_rel_close(plan.sigmas, scheduler.sigmas, 1e-4, "linspace sigmas")
+    ours = run_minisd(plan.sampler, plan.sigmas, initial_noise() * plan.init_noise_sigma, schedule, "epsilon")
+    assert_same_run(ours, theirs, rel=1e-4)
+
+
+@pytest.mark.parametrize("name,cls", [("euler", EulerDiscreteScheduler), ("ddim", DDIMScheduler)])
+def test_zero_terminal_snr_matches_diffusers(name, cls):
+    # v-prediction with rescale_betas_zero_snr and "trailing" spacing (Lin et al. 2023).
+    # diffusers' Euler replaces the terminal alphabar 0 by 2**-24, as minisd does, so it
+    # matches to round-off. DDIM keeps alphabar = 0 exactly (sigma = inf, which the VE
+    # form cannot hold): minisd's first step at sigma ~ 4096 differs by ~1/sigma = 2.4e-4.
+    scheduler = make_scheduler(cls, "v_prediction", timestep_spacing="trailing", rescale_betas_zero_snr=True)
+    theirs = run_diffusers(scheduler, initial_noise(), 10)
+    schedule = DiscreteSchedule.from_alphas_cumprod(scheduler.alphas_cumprod)
+    plan = plan_sampler(name, schedule, 10, spacing="trailing")
+    x = initial_noise() * plan.init_noise_sigma
+    ours = run_minisd(plan.sampler, plan.sigmas, x, schedule, "v_prediction", vp=name == "ddim")
+    assert_same_run(ours, theirs, rel=1e-5 if name == "euler" else 1e-3)
+
+
+def test_dpm_solver_karras_needs_quantized_timesteps():
+    # diffusers' DPMSolverMultistep rounds the Karras timesteps; without `quantize` the
+    # model sees fractional ones and the run visibly differs (guards the parity test).
+    scheduler = make_scheduler(DPMSolverMultistepScheduler, "epsilon", use_karras_sigmas=True)
+    theirs = run_diffusers(scheduler, initial_noise(), STEPS)
+    schedule = DiscreteSchedule.from_alphas_cumprod(scheduler.alphas_cumprod)
+    plan = plan_sampler("dpmpp_2m_karras", schedule, STEPS)
+    assert plan.quantize
+    x = initial_noise() * plan.init_noise_sigma
+    ours, _ = run_minisd(plan.sampler, plan.sigmas, x, schedule, "epsilon", quantize=False, vp=True)
+    err = (ours[-1] - theirs[0][-1]).abs().max() / theirs[0][-1].abs().max()
+    assert err > 1e-4
+
+
+@pytest.mark.parametrize("prediction_type", PREDICTIONS)
+def test_guided_loop_matches_diffusers_pipeline(prediction_type):
+    # StableDiffusionPipeline's loop: latents doubled, one unet call on [uncond, cond],
+    # guidance, rescale_noise_cfg (guidance_rescale=0.7), scheduler step (Euler, leading).
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
+
+    scale, phi = 7.5, 0.7
+    g = torch.Generator().manual_seed(2)
+    cond, uncond = torch.randn(2, 3, 8, generator=g), torch.randn(2, 3, 8, generator=g)
+    scheduler = make_scheduler(EulerDiscreteScheduler, prediction_type)
+    scheduler.set_timesteps(STEPS)
+    latents = initial_noise() * scheduler.init_noise_sigma
+    for t in scheduler.timesteps:
+        model_in = scheduler.scale_model_input(torch.cat([latents] * 2), t)
+        noise_uncond, noise_text = toy_unet(model_in, t, context=torch.cat([uncond, cond])).chunk(2)
+        noise_pred = noise_uncond + scale * (noise_text - noise_uncond)
+        noise_pred = rescale_noise_cfg(noise_pred, noise_text, guidance_rescale=phi)
+        latents = scheduler.step(noise_pred, t, latents).prev_sample
+
+    schedule = DiscreteSchedule.from_alphas_cumprod(scheduler.alphas_cumprod)
+    plan = plan_sampler("euler", schedule, STEPS)
+    denoiser = cfg_denoiser(
+        DiscreteDenoiser(toy_unet, schedule, prediction_type), {"context": cond}, {"context": uncond}, scale, phi
+    )
+    x = plan.sampler(denoiser, initial_noise() * plan.init_noise_sigma, plan.sigmas)
+    assert_rel_close(x, latents, 1e-5, "guided run")
+
+
+@pytest.mark.parametrize(
+    "name,cls,vp",
+    [
+        ("euler", EulerDiscreteScheduler, False),
+        ("heun", HeunDiscreteScheduler, False),
+        ("ddim", DDIMScheduler, True),
+        ("dpmpp_2m", DPMSolverMultistepScheduler, True),
+    ],
+)
+@pytest.mark.parametrize("strength", [0.3, 0.75])
+def test_img2img_matches_diffusers(name, cls, vp, strength):
+    # diffusers' img2img: get_timesteps(strength), add_noise at the first kept timestep,
+    # then the loop from there (set_begin_index). minisd: x = x0 + sigma_start * noise
+    # on the schedule's tail; add_noise is exactly that in VE form for every scheduler.
+    x0 = 0.8 * torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(7))
+    scheduler = make_scheduler(cls, "epsilon")
+    theirs, _ = run_diffusers(scheduler, initial_noise(), STEPS, x0=x0, strength=strength)
+    schedule = DiscreteSchedule.from_alphas_cumprod(scheduler.alphas_cumprod)
+    plan = plan_sampler(name, schedule, STEPS)
+    sigmas = img2img_sigmas(plan.sigmas, strength)
+    assert sigmas.numel() - 1 == int(STEPS * strength)
+    x = x0 + float(sigmas[0]) * initial_noise()
+    ours, _ = run_minisd(plan.sampler, sigmas, x, schedule, "epsilon", vp=vp)
+    assert_rel_close(ours[0], theirs[0], 1e-5, "noised image")
+    assert_rel_close(ours[-1], theirs[-1], 1e-5, "img2img result")
+
+
+# ----------------------------------------------------------------------------------
+# 2. Schedules against diffusers
+# ----------------------------------------------------------------------------------
+
+
+def test_training_schedule():
+    ours = ddpm_alphas_cumprod()
+    # LDM's make_beta_schedule + np.cumprod, in float64 (an independent numpy version).
+    betas = np.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=np.float64) ** 2
+    np.testing.assert_allclose(ours.numpy(), np.cumprod(1 - betas), rtol=1e-13)
+    # diffusers builds the same product in fp32: 1000 roundings, measured 9.3e-7 relative.
+    theirs = make_scheduler(EulerDiscreteScheduler, "epsilon").alphas_cumprod
+    np.testing.assert_allclose(ours.numpy(), theirs.double().numpy(), rtol=2e-6)
+    # The sigma table then differs by up to 1.3e-5 relative near t = 0, where
+    # 1 - alphabar ~ 8.5e-4 amplifies that error.
+    sigmas = DiscreteSchedule.scaled_linear().sigmas
+    assert sigmas.dtype == torch.float32 and sigmas.shape == (1000,)
+    their_sigmas = make_scheduler(EulerDiscreteScheduler, "epsilon").sigmas[:-1].flip(0)
+    np.testing.assert_allclose(sigmas.numpy(), their_sigmas.numpy(), rtol=2e-5)
+    # From diffusers' own alphas_cumprod, our table is its table to fp32 round-off.
+    from_theirs = DiscreteSchedule.from_alphas_cumprod(theirs).sigmas
+    np.testing.assert_allclose(from_theirs.numpy(), their_sigmas.numpy(), rtol=3e-7)
+
+
+def test_zero_terminal_snr_schedule():
+    from diffusers.schedulers.scheduling_ddim import rescale_zero_terminal_snr as reference
+
+    betas = scaled_linear_betas()
+    # Same float64 algorithm, operations grouped differently; beta = 1 - alpha ~ 1e-3 loses
+    # three digits to cancellation, hence 1e-10 rather than 1e-13.
+    np.testing.assert_allclose(rescale_zero_terminal_snr(betas).numpy(), reference(betas.clone()).numpy(), rtol=1e-10)
+    alphas_cumprod = ddpm_alphas_cumprod(zero_terminal_snr=True)
+    assert alphas_cumprod[-1] == 0 and bool((alphas_cumprod[:-1] > 0).all())
+    assert alphas_cumprod[0] == pytest.approx(1 - 0.00085, rel=1e-12)  # first value kept
+    # Against diffusers' fp32 computation (with its 2**-24 terminal stand-in): the
+    # subtraction of nearly equal fp32 square roots near t = T costs ~2e-5 relative.
+    sigmas = DiscreteSchedule.scaled_linear(zero_terminal_snr=True).sigmas
+    theirs = make_scheduler(EulerDiscreteScheduler, "v_prediction", rescale_betas_zero_snr=True).sigmas
+    np.testing.assert_allclose(sigmas.numpy(), theirs[:-1].flip(0).numpy(), rtol=3e-5)
+    assert sigmas[-1] == pytest.approx(4096.0, rel=1e-6)
+
+
+@pytest.mark.parametrize("spacing", ["leading", "linspace", "trailing"])
+@pytest.mark.parametrize("steps", [1, 7, 20, 50])
+def test_discrete_schedules_match_diffusers(spacing, steps):
+    euler = make_scheduler(EulerDiscreteScheduler, "epsilon", timestep_spacing=spacing)
+    ddim = make_scheduler(DDIMScheduler, "epsilon", timestep_spacing=spacing)
+    dpm = make_scheduler(DPMSolverMultistepScheduler, "epsilon", timestep_spacing=spacing)
+    for scheduler in (euler, ddim, dpm):
+        scheduler.set_timesteps(steps)
+    schedule = DiscreteSchedule.from_alphas_cumprod(euler.alphas_cumprod)
+
+    for family, scheduler in (("euler", euler), ("ddim", ddim), ("dpm_solver", dpm)):
+        t = discrete_timesteps(steps, spacing, family=family)
+        assert torch.equal(t, scheduler.timesteps.double()), f"{family} timesteps"
+    for family, scheduler in (("euler", euler), ("dpm_solver", dpm)):
+        sigmas = discrete_sigmas(schedule, steps, spacing, family=family)
+        assert sigmas.dtype == torch.float32 and sigmas[-1] == 0
+        fractional = family == "euler" and spacing == "linspace"
+        # Integer timesteps: a table lookup on both sides, equal to fp32 round-off.
+        # Fractional ones: linear (diffusers) vs log-sigma (minisd) interpolation, < 1e-4.
+        np.testing.assert_allclose(sigmas.numpy(), scheduler.sigmas.numpy(), rtol=1e-4 if fractional else 1e-6)
+        # What the denoiser will pass to the model: exactly diffusers' timesteps.
+        t_model = schedule.sigma_to_t(sigmas[:-1])
+        np.testing.assert_allclose(t_model.numpy(), scheduler.timesteps.numpy(), rtol=0, atol=1e-3 if fractional else 0)
+
+
+@pytest.mark.parametrize("steps", [5, 20])
+def test_karras_and_exponential_match_diffusers(steps):
+    for kind in ("karras", "exponential"):
+        for name, cls in (("euler", EulerDiscreteScheduler), ("dpmpp_2m", DPMSolverMultistepScheduler)):
+            if (name, kind) == ("dpmpp_2m", "exponential"):
+                continue
+            scheduler = make_scheduler(cls, "epsilon", **{f"use_{kind}_sigmas": True})
+            scheduler.set_timesteps(steps)
+            schedule = DiscreteSchedule.from_alphas_cumprod(scheduler.alphas_cumprod)
+            plan = plan_sampler(f"{name}_{kind}", schedule, steps)
+            np.testing.assert_allclose(plan.sigmas.numpy(), scheduler.sigmas.numpy(), rtol=1e-6)
+            t_model = schedule.sigma_to_t(plan.sigmas[:-1], quantize=plan.quantize)
+            np.testing.assert_allclose(t_model.numpy(), scheduler.timesteps.float().numpy(), rtol=0, atol=1e-3)
+
+
+def test_init_noise_sigma_matches_diffusers():
+    schedule = DiscreteSchedule.scaled_linear()
+    for spacing in ("leading", "linspace", "trailing"):
+        for name, cls in (("euler", EulerDiscreteScheduler), ("heun", HeunDiscreteScheduler)):
+            scheduler = make_scheduler(cls, "epsilon", timestep_spacing=spacing)
+            scheduler.set_timesteps(STEPS)
+            plan = plan_sampler(name, schedule, STEPS, spacing=spacing)
+            assert plan.init_noise_sigma == pytest.approx(float(scheduler.init_noise_sigma), rel=2e-5)
+    # DDIM / DPM-Solver start from unit-variance VP latents: x_VE = noise * sqrt(sigma_0^2 + 1).
+    plan = plan_sampler("dpmpp_2m", schedule, STEPS)
+    noise = initial_noise()
+    assert_rel_close(to_variance_preserving(noise * plan.init_noise_sigma, float(plan.sigmas[0])), noise, 1e-6)
+
+
+# ----------------------------------------------------------------------------------
+# 3. Invariants on an analytic Gaussian data distribution
+# ----------------------------------------------------------------------------------
+
+MU, S = 0.3, 0.5  # data ~ N(MU, S^2) in every dimension
+
+
+def gaussian_denoiser(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """E[x0 | x] for x = x0 + sigma n, x0 ~ N(MU, S^2): (S^2 x + sigma^2 MU) / (S^2 + sigma^2)."""
+    sigma2 = sigma.reshape(-1, 1) ** 2
+    return (S**2 * x + sigma2 * MU) / (S**2 + sigma2)
+
+
+def exact_flow(x_start: torch.Tensor, sigma_start: float, sigma_end: float) -> torch.Tensor:
+    """The probability-flow ODE's exact solution for this data: x - MU scales with sqrt(S^2 + sigma^2)."""
+    return MU + (x_start - MU) * math.sqrt(S**2 + sigma_end**2) / math.sqrt(S**2 + sigma_start**2)
+
+
+def gaussian_start(sigma_0: float, dtype=torch.float32) -> torch.Tensor:
+    # The exact marginal N(MU, S^2 + sigma_0^2) at the first sigma, so that any error
+    # below is the sampler's and not that of the prior. 20000 scalars (batch of 4): small
+    # enough to stay under torch's intra-op threading grain, which is slow on a busy CPU.
+    n = torch.randn(4, 5000, generator=torch.Generator().manual_seed(0), dtype=dtype)
+    return MU + math.sqrt(S**2 + sigma_0**2) * n
+
+
+# (sampler, order of accuracy, max error at 40 Karras steps). The ratio err(20)/err(40)
+# should approach 2**order; measured: 2.0 (Euler, DDIM), 4.4 (Heun, DPM++ 2M), 11.6 (LMS,
+# whose order ramps up to 4).
+ODE_SAMPLERS = [
+    (sample_euler, 1.8, 0.15),
+    (sample_ddim, 1.8, 0.15),
+    (sample_heun, 3.5, 0.012),
+    (sample_dpmpp_2m, 3.5, 0.012),
+    (sample_lms, 8.0, 3e-3),
+]
+
+
+@pytest.mark.parametrize("sampler,ratio,bound", ODE_SAMPLERS, ids=[s[0].__name__ for s in ODE_SAMPLERS])
+def test_ode_samplers_converge_to_exact_flow(sampler, ratio, bound):
+    # Karras sigmas over the SD range, stopping at sigma_min (without the final jump to
+    # 0) so that the error is the discretization error alone; float64 so that round-off
+    # does not hide it. Each sample is compared with its exact ODE solution.
+    schedule = DiscreteSchedule.scaled_linear()
+    errors = []
+    for steps in (20, 40):
+        sigmas = karras_sigmas(steps, schedule.sigma_min, schedule.sigma_max)[:-1].double()
+        x = gaussian_start(float(sigmas[0]), torch.float64)
+        out = sampler(gaussian_denoiser, x, sigmas)
+        errors.append((out - exact_flow(x, float(sigmas[0]), float(sigmas[-1]))).abs().max().item())
+    assert errors[0] / errors[1] > ratio, f"errors {errors}: convergence order too low"
+    assert errors[1] < bound
+
+
+def _ddpm(denoiser, x, sigmas, *, generator=None, callback=None):
+    return sample_ddim(denoiser, x, sigmas, eta=1.0, generator=generator, callback=callback)
+
+
+# (sampler, bound on |std - S| at 50 Karras steps). First-order samplers carry an
+# O(1/steps) bias (measured 0.015 for Euler, 0.034 for Euler ancestral); the others are
+# within sampling error (standard error of the std: S / sqrt(2 * 20000) = 0.0025).
+DISTRIBUTION_SAMPLERS = [
+    (sample_euler, 0.05),
+    (sample_ddim, 0.05),
+    (_ddpm, 0.05),
+    (sample_euler_ancestral, 0.05),
+    (sample_heun, 0.012),
+    (sample_lms, 0.012),
+    (sample_dpmpp_2m, 0.012),
+    (sample_dpmpp_2m_sde, 0.012),
+]
+
+
+@pytest.mark.parametrize("sampler,bound", DISTRIBUTION_SAMPLERS, ids=[s[0].__name__ for s in DISTRIBUTION_SAMPLERS])
+def test_samplers_reach_data_distribution(sampler, bound):
+    # Every sampler (ODE or SDE) maps N(MU, S^2 + sigma_max^2) to N(MU, S^2) in the limit.
+    # The sample mean has a standard error S / sqrt(20000) = 0.0035 (bound: 4 of them).
+    schedule = DiscreteSchedule.scaled_linear()
+    std_errors = []
+    for steps in (10, 50):
+        sigmas = karras_sigmas(steps, schedule.sigma_min, schedule.sigma_max)
+        x = gaussian_start(float(sigmas[0]))
+        out = sampler(gaussian_denoiser, x, sigmas, generator=torch.Generator().manual_seed(1))
+        assert abs(out.mean().item() - MU) < 0.014
+        std_errors.append(abs(out.std().item() - S))
+    assert std_errors[1] < std_errors[0], f"|std - S| did not shrink with steps: {std_errors}"
+    assert std_errors[1] < bound
+
+
+def test_paper_equivalences():
+    # DDIM with eta = 0 is Euler's method in sigma space; with eta = 1 it is the
+    # ancestral (DDPM) sampler: the same numbers from the same noise.
+    schedule = DiscreteSchedule.scaled_linear()
+    sigmas = discrete_sigmas(schedule, 15)
+    x = gaussian_start(float(sigmas[0]))
+    assert_rel_close(sample_ddim(gaussian_denoiser, x, sigmas), sample_euler(gaussian_denoiser, x, sigmas), 1e-6)
+    a = sample_ddim(gaussian_denoiser, x, sigmas, eta=1.0, generator=torch.Generator().manual_seed(4))
+    b = sample_euler_ancestral(gaussian_denoiser, x, sigmas, generator=torch.Generator().manual_seed(4))
+    assert_rel_close(a, b, 1e-6, "DDIM eta=1 vs Euler ancestral")
+    # DPM++ 2M SDE with eta = 0 is DPM++ 2M.
+    c = sample_dpmpp_2m_sde(gaussian_denoiser, x, sigmas, eta=0.0)
+    assert_rel_close(c, sample_dpmpp_2m(gaussian_denoiser, x, sigmas), 1e-6, "2M SDE eta=0 vs 2M")
+
+
+# ----------------------------------------------------------------------------------
+# 4. Schedule invariants, pieces, callbacks, errors
+# ----------------------------------------------------------------------------------
+
+
+def test_schedule_invariants():
+    schedule = DiscreteSchedule.scaled_linear()
+    for name in SAMPLER_NAMES:
+        for spacing in ("leading", "linspace", "trailing"):
+            sigmas = plan_sampler(name, schedule, 13, spacing=spacing).sigmas
+            # DDIM with "linspace" ends at t = 0 = sigma_min itself: its no-op last step is left out.
+            length = 13 if (name, spacing) == ("ddim", "linspace") else 14
+            assert sigmas.dtype == torch.float32 and sigmas.shape == (length,)
+            assert bool((sigmas[1:] < sigmas[:-1]).all()), f"{name}/{spacing} not decreasing"
+            final = schedule.sigma_min if name == "ddim" else 0.0  # set_alpha_to_one=False
+            assert float(sigmas[-1]) == pytest.approx(final)
+    karras = karras_sigmas(10, 0.03, 14.6)
+    assert karras[0] == pytest.approx(14.6, rel=1e-7) and karras[-2] == pytest.approx(0.03, rel=1e-6)
+    assert karras[-1] == 0 and bool((karras[1:] < karras[:-1]).all())
+    exponential = exponential_sigmas(10, 0.03, 14.6)
+    ratios = exponential[1:-1] / exponential[:-2]
+    assert_rel_close(ratios, torch.full_like(ratios, ratios[0]), 1e-6, "exponential is geometric")
+    # sigma <-> t: exact on the table, a round trip (to fp32 t) between entries.
+    assert torch.equal(schedule.sigma_to_t(schedule.sigmas), torch.arange(1000, dtype=torch.float32))
+    t = torch.rand(200, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 999
+    np.testing.assert_allclose(schedule.sigma_to_t(schedule.t_to_sigma(t)).numpy(), t.numpy(), atol=1e-4, rtol=0)
+    quantized = schedule.sigma_to_t(schedule.t_to_sigma(t), quantize=True)
+    assert torch.equal(quantized, t.round().float())
+
+
+def test_lms_coefficients():
+    sigmas = [14.6, 9.1, 5.0, 2.5, 1.1, 0.4, 0.0]
+    nodes, weights = np.polynomial.legendre.leggauss(8)
+    for i in range(len(sigmas) - 1):
+        for order in range(1, min(i + 1, 4) + 1):
+            coeffs = [lms_coefficient(sigmas, i, j, order) for j in range(order)]
+            # The Lagrange basis sums to 1, so the coefficients sum to the step length.
+            assert sum(coeffs) == pytest.approx(sigmas[i + 1] - sigmas[i], rel=1e-12)
+            for j, c in enumerate(coeffs):  # against quadrature of the product formula
+                a, b = sigmas[i], sigmas[i + 1]
+                taus = 0.5 * (b - a) * nodes + 0.5 * (a + b)
+                basis = [
+                    math.prod((tau - sigmas[i - k]) / (sigmas[i - j] - sigmas[i - k]) for k in range(order) if k != j)
+                    for tau in taus
+                ]
+                assert c == pytest.approx(0.5 * (b - a) * float(np.dot(weights, basis)), rel=1e-10, abs=1e-12)
+
+
+def test_denoiser_scalings_and_dtypes():
+    # Feed each denoiser the exact prediction for a known x0 and noise n at x = x0 + sigma n:
+    # eps = n, and v = sqrt(alphabar) n - sqrt(1 - alphabar) x0 with alphabar = 1 / (sigma^2 + 1)
+    # (Salimans & Ho 2022, in VP form). D must return x0 exactly.
+    g = torch.Generator().manual_seed(0)
+    x0, n = torch.randn(3, 4, generator=g), torch.randn(3, 4, generator=g)
+    sigma = torch.tensor([0.05, 1.0, 14.0])
+    alphabar = 1 / (sigma[:, None] ** 2 + 1)
+    x = x0 + sigma[:, None] * n
+    targets = {"epsilon": n, "v_prediction": alphabar.sqrt() * n - (1 - alphabar).sqrt() * x0}
+    for prediction_type, target in targets.items():
+        c_skip, c_out, c_in = (c[:, None] for c in denoiser_scalings(sigma, prediction_type))
+        assert_rel_close(c_skip * x + c_out * target, x0, 1e-6, prediction_type)
+        assert_rel_close(c_in * x, alphabar.sqrt() * x, 1e-6, "c_in gives the VP input")
+    schedule = DiscreteSchedule.scaled_linear()
+    seen = {}
+
+    def model(x_in, t):
+        seen.update(x=x_in.dtype, t=t.dtype, shape=tuple(t.shape))
+        return torch.zeros_like(x_in)
+
+    denoiser = DiscreteDenoiser(model, schedule, "epsilon", model_dtype=torch.float16)
+    out = denoiser(torch.ones(3, 4, 2, 2), torch.full((3,), 2.0))
+    assert seen == {"x": torch.float16, "t": torch.float32, "shape": (3,)} and out.dtype == torch.float32
+    assert_rel_close(out, torch.ones(3, 4, 2, 2), 0, "zero noise prediction leaves x")
+
+
+def test_cfg_is_one_batched_call_uncond_first():
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
+
+    calls = []
+
+    def model(x_in, t, context):
+        calls.append(x_in.shape[0])
+        return toy_unet(x_in, t, context)
+
+    g = torch.Generator().manual_seed(3)
+    cond, uncond = torch.randn(2, 3, 8, generator=g), torch.randn(2, 3, 8, generator=g)
+    x = torch.randn(2, 4, 8, 8, generator=g)
+    schedule = DiscreteSchedule.scaled_linear()
+    sigma = torch.full((2,), 3.0)
+    denoiser = cfg_denoiser(DiscreteDenoiser(model, schedule), {"context": cond}, {"context": uncond}, 6.0, 0.5)
+    out = denoiser(x, sigma)
+    assert calls == [4]
+    # Reference: diffusers' arithmetic on the eps outputs, uncond first.
+    t = schedule.sigma_to_t(torch.full((4,), 3.0))
+    eps_u, eps_c = toy_unet(torch.cat([x, x]) / math.sqrt(10.0), t, torch.cat([uncond, cond])).chunk(2)
+    eps = rescale_noise_cfg(eps_u + 6.0 * (eps_c - eps_u), eps_c, guidance_rescale=0.5)
+    assert_rel_close(out, x - 3.0 * eps, 1e-6, "guided denoiser")
+    assert_rel_close(rescale_guidance(eps_u, eps_c, 0.3), rescale_noise_cfg(eps_u, eps_c, 0.3), 1e-7)
+
+
+def test_callback_and_cancel():
+    schedule = DiscreteSchedule.scaled_linear()
+    sigmas = discrete_sigmas(schedule, 8)
+    x = gaussian_start(float(sigmas[0]))
+    for name, sampler in SAMPLERS.items():
+        seen = []
+
+        def stop_at_three(info):
+            seen.append(info)
+            return info["i"] != 3
+
+        out = sampler(gaussian_denoiser, x, sigmas, generator=torch.Generator().manual_seed(0), callback=stop_at_three)
+        assert [info["i"] for info in seen] == [0, 1, 2, 3], name
+        assert [info["sigma"] for info in seen] == sigmas[:4].tolist(), name
+        assert seen[3]["sigma_next"] == float(sigmas[4])
+        assert out is seen[3]["denoised"], f"{name}: a cancelled run returns the step's denoised"
+
+        def fail(info):
+            raise KeyboardInterrupt
+
+        with pytest.raises(KeyboardInterrupt):
+            sampler(gaussian_denoiser, x, sigmas, callback=fail)
+
+
+def test_img2img_and_refiner_split_match_diffusers():
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img import StableDiffusionImg2ImgPipeline
+    from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl_img2img import (
+        StableDiffusionXLImg2ImgPipeline,
+    )
+
+    for cls, name in ((EulerDiscreteScheduler, "euler"), (DPMSolverMultistepScheduler, "dpmpp_2m")):
+        scheduler = make_scheduler(cls, "epsilon")
+        schedule = DiscreteSchedule.from_alphas_cumprod(scheduler.alphas_cumprod)
+        for steps in (10, 25, 30):
+            plan = plan_sampler(name, schedule, steps)
+            scheduler.set_timesteps(steps)
+            for strength in (0.1, 0.35, 0.5, 0.99, 1.0):
+                expected, n = StableDiffusionImg2ImgPipeline.get_timesteps(
+                    SimpleNamespace(scheduler=scheduler), steps, strength, "cpu"
+                )
+                tail = img2img_sigmas(plan.sigmas, strength)
+                assert tail.numel() - 1 == n == steps - img2img_start(steps, strength)
+                assert schedule.sigma_to_t(tail[:-1]).tolist() == expected.float().tolist()
+            for fraction in (0.5, 0.8, 0.93):
+                k = split_sigmas(schedule, plan.sigmas, fraction)
+                # SDXL base, `denoising_end`: keeps the timesteps >= the cut-off.
+                cutoff = int(round(1000 - fraction * 1000))
+                base_t = [t for t in scheduler.timesteps.tolist() if t >= cutoff]
+                assert schedule.sigma_to_t(plan.sigmas[:k]).tolist() == [float(t) for t in base_t]
+                # SDXL refiner, `denoising_start`: diffusers' get_timesteps.
+                expected, n = StableDiffusionXLImg2ImgPipeline.get_timesteps(
+                    SimpleNamespace(scheduler=scheduler), steps, 0.3, "cpu", denoising_start=fraction
+                )
+                assert plan.sigmas[k:].numel() - 1 == n
+                assert schedule.sigma_to_t(plan.sigmas[k:-1]).tolist() == expected.float().tolist()
+
+
+def test_variance_preserving_round_trip():
+    x = initial_noise()
+    assert_rel_close(from_variance_preserving(to_variance_preserving(x, 7.0), 7.0), x, 1e-7)
+    assert init_noise_sigma(torch.tensor([3.0, 0.0]), variance_preserving=True) == pytest.approx(math.sqrt(10))
+    assert init_noise_sigma(torch.tensor([3.0, 0.0]), variance_preserving=False) == 3.0
+
+
+def test_errors():
+    schedule = DiscreteSchedule.scaled_linear()
+    with pytest.raises(ValueError, match=r"steps: expected an integer >= 1, got 0"):
+        discrete_timesteps(0)
+    with pytest.raises(ValueError, match=r"steps: expected an integer >= 1"):
+        karras_sigmas(0, 0.03, 14.6)
+    with pytest.raises(ValueError, match=r"steps: expected at most num_train_timesteps=1000"):
+        discrete_sigmas(schedule, 1001)
+    with pytest.raises(ValueError, match=r"sampler: expected one of .*'dpmpp_2m_karras'.*got 'dpm_fast'"):
+        plan_sampler("dpm_fast", schedule, 20)
+    with pytest.raises(ValueError, match=r"sampler: expected one of"):
+        plan_sampler("euler_a_karras", schedule, 20)  # diffusers has no such option
+    with pytest.raises(ValueError, match=r"spacing: expected one of \('leading', 'linspace', 'trailing'\), got 'even'"):
+        plan_sampler("euler", schedule, 20, spacing="even")
+    with pytest.raises(ValueError, match=r"family: expected one of"):
+        discrete_timesteps(20, family="pndm")
+    with pytest.raises(ValueError, match=r"final_sigma: expected one of \('zero', 'sigma_min'\)"):
+        discrete_sigmas(schedule, 20, final_sigma="one")
+    with pytest.raises(ValueError, match=r"prediction_type: expected one of \('epsilon', 'v_prediction'\), got 'samp"):
+        DiscreteDenoiser(toy_unet, schedule, "sample")
+    with pytest.raises(ValueError, match=r"strength: expected a value in \[0, 1\], got 1.5"):
+        img2img_start(20, 1.5)
+    with pytest.raises(ValueError, match=r"leaves no step"):
+        img2img_start(20, 0.01)
+    with pytest.raises(ValueError, match=r"denoising fraction: expected a value in \(0, 1\)"):
+        split_sigmas(schedule, discrete_sigmas(schedule, 20), 1.0)
+    with pytest.raises(ValueError, match=r"timesteps must lie in \[0, 999\]"):
+        schedule.t_to_sigma(torch.tensor([1000.0]))
+    with pytest.raises(ValueError, match=r"alphas_cumprod: expected values in \(0, 1\)"):
+        DiscreteSchedule.from_alphas_cumprod(torch.tensor([0.5, 1.5]))
+    x = torch.zeros(1, 4)
+    with pytest.raises(ValueError, match=r"sigmas: expected strictly decreasing values >= 0"):
+        sample_euler(gaussian_denoiser, x, torch.tensor([1.0, 2.0, 0.0]))
+    with pytest.raises(ValueError, match=r"sigmas: expected a 1-D schedule with >= 2 entries"):
+        sample_heun(gaussian_denoiser, x, torch.tensor([1.0]))
+    with pytest.raises(ValueError, match=r"eta: expected a value in \[0, 1\], got 1.5"):
+        sample_ddim(gaussian_denoiser, x, torch.tensor([1.0, 0.5, 0.0]), eta=1.5)
+    with pytest.raises(ValueError, match=r"order: expected an integer >= 1"):
+        sample_lms(gaussian_denoiser, x, torch.tensor([1.0, 0.0]), order=0)
+    cond = {"context": torch.zeros(1, 3, 8)}
+    with pytest.raises(ValueError, match=r"cond and uncond must have the same keys"):
+        cfg_denoiser(DiscreteDenoiser(toy_unet, schedule), cond, {"y": torch.zeros(1, 8)}, 7.5)
+    with pytest.raises(ValueError, match=r"rescale: expected a value in \[0, 1\]"):
+        cfg_denoiser(DiscreteDenoiser(toy_unet, schedule), cond, cond, 7.5, rescale=2.0)
+    guided = cfg_denoiser(DiscreteDenoiser(toy_unet, schedule), cond, cond, 7.5)
+    with pytest.raises(ValueError, match=r"cond\['context'\] has batch 1, x has batch 2"):
+        guided(torch.zeros(2, 4, 2, 2), torch.ones(2))

@@ -21,7 +21,6 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from minisd.clip import (
     CLIP_VIT_L14,
-    OFFICIAL_PREFIXES,
     OPENCLIP_VIT_BIGG14,
     OPENCLIP_VIT_H14,
     TextConfig,
@@ -30,6 +29,7 @@ from minisd.clip import (
     hf_table,
     open_clip_table,
 )
+from minisd.families import FAMILIES
 from minisd.keymap import CheckpointError, load_strict
 from tests.utils import assert_rel_close
 
@@ -117,7 +117,7 @@ def test_parity_hf(tmp_path, with_projection, act, eos):
     ref = tiny_hf(with_projection, act, eos, seed=0)
     theirs = on_disk(ref.state_dict(), ref)
     theirs["text_model.embeddings.position_ids"] = torch.arange(77.0)[None]  # stored as floats in SD1 files
-    theirs = through_file(theirs, OFFICIAL_PREFIXES["sd1"].prefix, tmp_path / "sd.safetensors")
+    theirs = through_file(theirs, FAMILIES["sd1"].text[0].official_prefix, tmp_path / "sd.safetensors")
 
     config = TextConfig.from_hf_config(ref.config.to_dict(), projection=with_projection)
     assert config == TextConfig(width=32, heads=4, layers=3, mlp_width=48, act=act,
@@ -157,7 +157,7 @@ def test_parity_open_clip(tmp_path, act):
     theirs = ref.state_dict()
     # open_clip 3.3 registers attn_mask with persistent=False: only logit_scale is extra.
     assert "attn_mask" not in theirs and "logit_scale" in theirs
-    theirs = through_file(theirs, OFFICIAL_PREFIXES["sd2"].prefix, tmp_path / "sd2.safetensors")
+    theirs = through_file(theirs, FAMILIES["sd2"].text[0].official_prefix, tmp_path / "sd2.safetensors")
 
     config = TextConfig(width=32, heads=4, layers=3, mlp_width=128, act=act, projection_dim=24)
     ignored: dict[str, str] = {}
@@ -275,11 +275,11 @@ def test_official_prefixes_match_diffusers_detection_keys():
     """diffusers detects each family by one key; it must sit under our prefix, in our layout."""
     from diffusers.loaders.single_file_utils import CHECKPOINT_KEY_NAMES as names
 
-    for slot, key in [("sd1", names["clip"]), ("sdxl_base.0", names["clip_sdxl"]), ("sd2", names["open_clip"]),
-                      ("sdxl_base.1", names["open_clip_sdxl"]), ("sdxl_refiner.0", names["open_clip_sdxl_refiner"])]:
-        place = OFFICIAL_PREFIXES[slot]
-        table = (hf_table if place.layout == "hf" else open_clip_table)(place.config).prefixed(place.prefix)
-        assert key in table.theirs_keys, (slot, key)
+    for family, slot, key in [("sd1", 0, names["clip"]), ("sdxl", 0, names["clip_sdxl"]), ("sd2", 0, names["open_clip"]),
+                              ("sdxl", 1, names["open_clip_sdxl"]), ("sdxl-refiner", 0, names["open_clip_sdxl_refiner"])]:
+        spec = FAMILIES[family].text[slot]
+        table = (hf_table if spec.layout == "hf" else open_clip_table)(spec.config).prefixed(spec.official_prefix)
+        assert key in table.theirs_keys, (family, slot, key)
 
 
 # --------------------------------------------------------------------------- 4. round trips

@@ -14,6 +14,7 @@ The HF transformers layout (SD1/SDXL files, diffusers folders) is the `hf_table`
 Which output each model uses as its context is the conditioning code's business:
 SD1 takes `last_hidden_state`; SD2 takes `ln_final` of the penultimate block's output;
 SDXL takes the penultimate `hidden_states` (no `ln_final`) and bigG's `pooled`.
+Where each encoder sits in official files and diffusers folders is `families.py`'s table.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import re
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -304,33 +305,6 @@ def open_clip_table(config: TextConfig) -> KeyTable:
         Ignore("attn_mask", "a causal mask buffer some open_clip versions save; we use is_causal"),
     )
     return KeyTable.identity("open_clip text", [o for o, _, _ in _hf_rules(config)], ignore)
-
-
-class Placement(NamedTuple):
-    """Where a text encoder sits in an official single-file checkpoint."""
-
-    prefix: str  # key prefix of the encoder root
-    layout: str  # "hf" (`hf_table`) or "open_clip" (`open_clip_table`)
-    config: TextConfig
-
-
-# Official CompVis / Stability checkpoints (see diffusers single_file_utils CHECKPOINT_KEY_NAMES).
-OFFICIAL_PREFIXES: dict[str, Placement] = {
-    "sd1": Placement("cond_stage_model.transformer.", "hf", CLIP_VIT_L14),  # ldm FrozenCLIPEmbedder
-    "sd2": Placement("cond_stage_model.model.", "open_clip", OPENCLIP_VIT_H14),  # ldm FrozenOpenCLIPEmbedder
-    "sdxl_base.0": Placement("conditioner.embedders.0.transformer.", "hf", CLIP_VIT_L14),
-    "sdxl_base.1": Placement("conditioner.embedders.1.model.", "open_clip", OPENCLIP_VIT_BIGG14),
-    "sdxl_refiner.0": Placement("conditioner.embedders.0.model.", "open_clip", OPENCLIP_VIT_BIGG14),
-}
-# diffusers folders hold the HF layout, one file each: `text_encoder/` is a CLIPTextModel (SD2's has 23
-# layers: diffusers drops the unused last block and the projection), `text_encoder_2/` a
-# CLIPTextModelWithProjection (bigG). Read their config.json with `TextConfig.from_hf_config`.
-DIFFUSERS_FOLDERS: dict[str, tuple[str, ...]] = {
-    "sd1": ("text_encoder",),
-    "sd2": ("text_encoder",),
-    "sdxl_base": ("text_encoder", "text_encoder_2"),
-    "sdxl_refiner": ("text_encoder_2",),
-}
 
 
 def config_from_state_dict(sd: Mapping[str, torch.Tensor], layout: str, *, act: str) -> TextConfig:

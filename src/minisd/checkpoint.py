@@ -767,10 +767,27 @@ def _load_diffusers(folder, device, dtype, family, config, prediction_type, vae_
 def _official_state_dict(sd: StableDiffusion) -> dict[str, torch.Tensor]:
     out = {UNET_PREFIX + k: v for k, v in sd.unet.state_dict().items()}
     out.update({VAE_PREFIX + k: v for k, v in sd.vae.state_dict().items()})
-    for enc, module in zip(sd.spec.text, sd.text_encoders):
-        table = (hf_table if enc.layout == "hf" else open_clip_table)(module.config).prefixed(enc.official_prefix)
-        out.update(table.to_theirs(module.state_dict()))
+    for enc, use, module in zip(sd.spec.text, sd.text_uses, sd.text_encoders):
+        cfg, weights = module.config, module.state_dict()
+        if enc.diffusers_drops_last and use.skip < enc.use.skip:
+            cfg, weights = _restore_dropped_block(cfg, weights)
+        table = (hf_table if enc.layout == "hf" else open_clip_table)(cfg).prefixed(enc.official_prefix)
+        out.update(table.to_theirs(weights))
     return out
+
+
+def _restore_dropped_block(cfg: TextConfig, weights: dict[str, torch.Tensor]) -> tuple[TextConfig, dict]:
+    """An SD2 text encoder that came from a diffusers folder lacks the last OpenCLIP block and the
+    projection, which the official layout has (and SD2's penultimate-layer context never reads).
+    They are written back as zeros, so the file has the official shapes and reads the same way."""
+    logger.info("SD2 text encoder from a diffusers folder: writing the unused last block and text_projection as zeros")
+    last = f"transformer.resblocks.{cfg.layers - 1}."
+    weights = dict(weights)
+    for k in [k for k in weights if k.startswith(last)]:
+        weights[k.replace(last, f"transformer.resblocks.{cfg.layers}.")] = torch.zeros_like(weights[k])
+    if cfg.projection_dim is None:
+        weights["text_projection"] = torch.zeros(cfg.width, cfg.width, dtype=weights["ln_final.weight"].dtype)
+    return dataclasses.replace(cfg, layers=cfg.layers + 1, projection_dim=cfg.projection_dim or cfg.width), weights
 
 
 def _write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:

@@ -24,13 +24,8 @@ import torch
 from diffusers.loaders.single_file_utils import infer_diffusers_model_type
 
 import minisd
-from minisd.checkpoint import (
-    TensorInfo,
-    _build,
-    detect_keys,
-    official_tables,
-    probe_prediction_type,
-)
+from minisd.checkpoint import _build, official_tables
+from minisd.detection import TensorInfo, detect_keys, probe_prediction_type
 from minisd.families import FAMILIES, UNET_PREFIX
 from minisd.keymap import CheckpointError
 from minisd.schedules import ddpm_alphas_cumprod

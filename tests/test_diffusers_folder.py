@@ -26,7 +26,6 @@ import minisd
 from minisd.diffusers_format import SCHEDULER_CONFIG, write_tokenizer
 from minisd.keymap import CheckpointError
 from tests.test_checkpoint import inputs
-from tests.test_clip import tiny_hf
 from tests.test_unet import run_ours
 from tests.tiny import diffusers_unet, diffusers_vae, official_checkpoint, tiny_config
 from tests.utils import assert_rel_close

@@ -10,7 +10,8 @@ tables and the `families` table.
     image = sd.generate("a photograph of an astronaut riding a horse", seed=0)[0]
 """
 
-from .checkpoint import DetectedModel, detect, load, save
+from .checkpoint import load, save
+from .detection import DetectedModel, detect
 from .keymap import CheckpointError
 from .pipeline import StableDiffusion
 

@@ -39,6 +39,18 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .clip import TextConfig, TextTransformer, hf_table, open_clip_table
+from .detection import (
+    KNOWN_SHA256,
+    PICKLE_SUFFIXES,
+    TensorInfo,
+    detect_diffusers,
+    detect_keys,
+    probe_prediction_type,
+    read_json,
+    read_safetensors_header,
+    refuse_pickle,
+    sha256,
+)
 from .diffusers_format import (
     SCHEDULER_CONFIG,
     text_from_hf,
@@ -48,16 +60,6 @@ from .diffusers_format import (
     vae_from_diffusers,
     vae_to_diffusers,
     write_tokenizer,
-)
-from .detection import (
-    PICKLE_SUFFIXES,
-    TensorInfo,
-    detect_diffusers,
-    detect_keys,
-    probe_prediction_type,
-    read_json,
-    read_safetensors_header,
-    refuse_pickle,
 )
 from .families import UNET_PREFIX, VAE_PREFIX, FamilySpec, TextEncoderSpec, family_spec
 from .keymap import CheckpointError, Ignore, KeyTable, Rule, load_strict
@@ -310,7 +312,10 @@ def _load_single_file(path, device, dtype, family, config, prediction_type, use_
         pt, reason = spec.prediction_type, f"family={family!r} given by the caller"
     if prediction_type:
         pt, reason = prediction_type, "prediction_type given by the caller"
-    elif pt is None:
+    elif pt is None and path.suffix == ".safetensors" and (known := KNOWN_SHA256.get(sha256(path))):
+        pt = family_spec(known[1]).prediction_type
+        reason = f"SHA-256 of the official {known[0]}"
+    if pt is None:
         pt, reason = probe_prediction_type(unet)
     if fam in ("sd2", "sd2-v"):
         fam = "sd2-v" if pt == "v_prediction" else "sd2"

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import struct
 from collections import Counter
@@ -328,3 +329,24 @@ def detect(path: str | Path) -> DetectedModel:
         refuse_pickle(path)
     header = read_safetensors_header(path)
     return detect_keys(header.tensors, header.metadata, path)
+
+
+# SHA-256 of the official releases, as published with the files (the Hugging Face LFS pointers of
+# runwayml/stable-diffusion-v1-5, stabilityai/stable-diffusion-2-1(-base) and
+# stabilityai/stable-diffusion-xl-base/refiner-1.0). They cannot be re-checked offline here; a wrong
+# entry could only make `info` call an official file unknown, never decide a family.
+KNOWN_SHA256 = {
+    "6ce0161689b3853acaa03779ec93eafe75a02f4ced659bee03f50797806fa2fa": ("v1-5-pruned-emaonly.safetensors", "sd1"),
+    "1a189f0be69d6106a48548e7626207dddd7042a418dbf372cefd05e0cdba61b6": ("v1-5-pruned.safetensors", "sd1"),
+    "ad2a33c361c1f593c4a1fb32ea81afce2b5bb7d1983c6b94793a26a3b54b08a0": ("v2-1_768-ema-pruned.safetensors", "sd2-v"),
+    "88ecb782561455673c4b78d05093494b9c539fc6bfc08f3a9a4a0dd7b0b10f36": ("v2-1_512-ema-pruned.safetensors", "sd2"),
+    "31e35c80fc4829d14f90153f4c74cd59c90b779f6afe05a74cd6120b893f7e5b": ("sd_xl_base_1.0.safetensors", "sdxl"),
+    "7440042bbdc8a24813002c09b6b69b64dc90fded4472613437b7f55f9b7d9c5f": ("sd_xl_refiner_1.0.safetensors", "sdxl-refiner"),
+}
+
+def sha256(path: Path, chunk: int = 1 << 24) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()

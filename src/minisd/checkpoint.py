@@ -446,6 +446,9 @@ def _load_diffusers(folder, device, dtype, family, config, prediction_type, vae_
         vae=vae_from_diffusers(read_json(folder / "vae" / "config.json"), str(folder / "vae" / "config.json")),
         text=tuple(dataclasses.replace(enc, config=text_config(enc)) for enc in spec.text),
     )
+    index = read_json(folder / "model_index.json")
+    if "force_zeros_for_empty_prompt" in index:  # the folder's own say on SDXL's empty negative prompt
+        spec = dataclasses.replace(spec, zero_empty_negative=bool(index["force_zeros_for_empty_prompt"]))
     spec = apply_config(spec, config)
     unet, vae, encoders = _build(spec)
     parts = [("unet", unet, unet_diffusers_table(spec.unet), dtype), ("vae", vae, vae_diffusers_table(spec.vae), vae_dtype)]
@@ -568,7 +571,7 @@ def _save_diffusers(sd: StableDiffusion, folder: Path, metadata: dict[str, str])
     write("scheduler", "scheduler_config.json", scheduler)
     index["scheduler"] = ["diffusers", scheduler["_class_name"]]
     if base == "sdxl":
-        index["force_zeros_for_empty_prompt"] = spec.name == "sdxl"
+        index["force_zeros_for_empty_prompt"] = spec.zero_empty_negative
         if spec.name == "sdxl-refiner":
             index["requires_aesthetics_score"] = True
     else:

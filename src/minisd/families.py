@@ -73,6 +73,10 @@ class FamilySpec:
     default_size: int  # the training resolution, in pixels
     default_guidance: float
     diffusers_pipeline: str  # `_class_name` in a diffusers folder's model_index.json
+    # Encode an empty negative prompt as zeros: SDXL base (sgm's `force_uc_zero_embeddings=["txt"]`,
+    # diffusers' `force_zeros_for_empty_prompt=True`); the refiner's model_index.json sets it False,
+    # and the SD1/SD2 pipelines always encode "".
+    zero_empty_negative: bool = False
 
     @property
     def is_sdxl(self) -> bool:
@@ -125,7 +129,8 @@ FAMILIES: dict[str, FamilySpec] = {
         FamilySpec("sd2", SD2_UNET, SD_VAE, (_SD2_CLIP,), "epsilon", 512, 7.5, "StableDiffusionPipeline"),
         FamilySpec("sd2-v", SD2_UNET, SD_VAE, (_SD2_CLIP,), "v_prediction", 768, 7.5, "StableDiffusionPipeline"),
         FamilySpec("sd2-inpaint", SD2_INPAINT_UNET, SD_VAE, (_SD2_CLIP,), "epsilon", 512, 7.5, "StableDiffusionInpaintPipeline"),
-        FamilySpec("sdxl", SDXL_BASE_UNET, SDXL_VAE, (_SDXL_CLIP_L, _SDXL_BIGG), "epsilon", 1024, 5.0, "StableDiffusionXLPipeline"),
+        FamilySpec("sdxl", SDXL_BASE_UNET, SDXL_VAE, (_SDXL_CLIP_L, _SDXL_BIGG), "epsilon", 1024, 5.0, "StableDiffusionXLPipeline",
+                   zero_empty_negative=True),
         FamilySpec("sdxl-refiner", SDXL_REFINER_UNET, SDXL_VAE, (_REFINER_BIGG,), "epsilon", 1024, 5.0, "StableDiffusionXLImg2ImgPipeline"),
     )
 }

@@ -13,6 +13,7 @@ max |expected|) at 1e-5: both sides run fp32 arithmetic (measured agreement ~1e-
 DDIM and DPM-Solver in the variance-preserving form (minisd divides by
 sqrt(alphabar) instead) and computes step coefficients in fp32 tensors (minisd in
 Python floats from the same fp32 sigmas). Looser tolerances are stated where used.
+DPM++ SDE takes its noise from diffusers' torchsde Brownian tree (`diffusers_tree_noise`).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from minisd.samplers import (
     sample_ddim,
     sample_dpmpp_2m,
     sample_dpmpp_2m_sde,
+    sample_dpmpp_sde,
     sample_euler,
     sample_euler_ancestral,
     sample_heun,
@@ -62,11 +64,13 @@ from tests.utils import assert_rel_close
 from diffusers import (
     DDIMScheduler,
     DPMSolverMultistepScheduler,
+    DPMSolverSDEScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
     HeunDiscreteScheduler,
     LMSDiscreteScheduler,
 )
+from diffusers.schedulers.scheduling_dpmsolver_sde import BrownianTreeNoiseSampler
 
 # The official SD scheduler config (SD1.x PNDM / SD2.x DDIM / SDXL Euler
 # scheduler_config.json and diffusers' single-file SCHEDULER_DEFAULT_CONFIG); each
@@ -254,6 +258,95 @@ def test_spacings_match_diffusers(name, cls, extra, vp, spacing, steps):
     x = initial_noise() * plan.init_noise_sigma
     ours = run_minisd(plan.sampler, plan.sigmas, x, schedule, "epsilon", quantize=plan.quantize, seed=seed, vp=vp)
     assert_same_run(ours, theirs)
+
+
+# DPM++ SDE (diffusers' DPMSolverSDEScheduler, which needs torchsde) draws its noise from
+# a seeded Brownian tree, not from a generator: minisd is given the same tree as a
+# `noise_sampler`. torchsde rounds the tree's ends to its 1e-6 time grid and warns (then
+# clamps) when a query lies outside them by less than that, which diffusers' own fp32
+# query times do too: harmless, silenced.
+TORCHSDE_GRID = pytest.mark.filterwarnings("ignore:Should have t[ab]:UserWarning")
+
+
+def diffusers_tree_noise(x: torch.Tensor, ours: torch.Tensor, theirs: torch.Tensor, seed: int):
+    """diffusers' BrownianTreeNoiseSampler (torchsde), built as DPMSolverSDEScheduler.step
+    builds it (seed, sigma_min / sigma_max of the schedule, identity time transform), as a
+    minisd `noise_sampler`.
+
+    The tree resolves time on a 1e-6 grid (torchsde `tol`), so a query time one fp32 ulp
+    away can land on another grid point and move the noise by up to ~1e-2 (see
+    `test_dpmpp_sde_parity_needs_diffusers_query_times`). diffusers queries at
+    sigma_fn(t_fn(sigma)) and at the midpoint sigma_fn(t + (t_next - t) / 2), computed in
+    fp32 from its own sigma table (`theirs`, which differs from ours by <= 1 ulp), so this
+    sampler identifies the step by our sigma's index in `ours` and queries the tree at
+    the times diffusers' step computes there. It checks that minisd asks for the
+    intervals [sigma_s, sigma] and [sigma_next, sigma] of that step.
+    """
+    tree = BrownianTreeNoiseSampler(x, float(theirs[theirs > 0].min()), float(theirs.max()), seed)
+    values = ours.tolist()
+
+    def noise(sigma: float, sigma_target: float) -> torch.Tensor:
+        i = values.index(sigma)
+        t, t_next = theirs[i].log().neg(), theirs[i + 1].log().neg()  # diffusers' t_fn, fp32
+        t_end = t_next if sigma_target == values[i + 1] else t + (t_next - t) * 0.5  # its t_proposed
+        assert float(t_end.neg().exp()) == pytest.approx(sigma_target, rel=1e-6), (i, sigma_target)
+        return tree(t.neg().exp(), t_end.neg().exp())
+
+    return noise
+
+
+DPMPP_SDE_CASES = [
+    # (minisd name, diffusers extra config, timestep_spacing, steps)
+    ("dpmpp_sde", {}, "leading", STEPS),
+    ("dpmpp_sde_karras", {"use_karras_sigmas": True}, "leading", STEPS),
+    ("dpmpp_sde", {}, "trailing", 9),
+    ("dpmpp_sde_karras", {"use_karras_sigmas": True}, "trailing", 7),
+    ("dpmpp_sde_exponential", {"use_exponential_sigmas": True}, "leading", 12),
+]
+
+
+@TORCHSDE_GRID
+@pytest.mark.parametrize("prediction_type", PREDICTIONS)
+@pytest.mark.parametrize(
+    "name,extra,spacing,steps", DPMPP_SDE_CASES, ids=[f"{c[0]}-{c[2]}-{c[3]}" for c in DPMPP_SDE_CASES]
+)
+def test_dpmpp_sde_matches_diffusers(name, extra, spacing, steps, prediction_type):
+    # diffusers interleaves the midpoints into its timesteps (t_0, m_0, t_1, m_1, ..., t_{n-1}):
+    # each step is two `step` calls, the first (at sigma) leaves the midpoint state, the
+    # second (at the midpoint) completes the step; the last, to sigma = 0, is one Euler
+    # call. run_diffusers keeps the states after complete steps (`state_in_first_order`)
+    # and every timestep the model saw, midpoints included, which minisd's two denoiser
+    # calls per step must reproduce in the same order. 1e-5 as the other samplers (fp32
+    # arithmetic on both sides; measured <= 6.1e-7 of max |x| over these cases).
+    scheduler = make_scheduler(
+        DPMSolverSDEScheduler, prediction_type, timestep_spacing=spacing, noise_sampler_seed=42, **extra
+    )
+    theirs = run_diffusers(scheduler, initial_noise(), steps)
+    assert len(theirs[1]) == 2 * steps - 1
+    schedule = DiscreteSchedule.from_alphas_cumprod(scheduler.alphas_cumprod)
+    plan = plan_sampler(name, schedule, steps, spacing=spacing)
+    assert not plan.quantize
+    x = initial_noise() * plan.init_noise_sigma
+    their_sigmas = torch.cat([scheduler.sigmas[:1], scheduler.sigmas[1::2]])  # undo the interleaving
+    noise = diffusers_tree_noise(x, plan.sigmas, their_sigmas, seed=42)
+    ours = run_minisd(plan.sampler, plan.sigmas, x, schedule, prediction_type, noise_sampler=noise)
+    assert_same_run(ours, theirs)
+
+
+@TORCHSDE_GRID
+def test_dpmpp_sde_parity_needs_diffusers_query_times():
+    # The same tree queried at minisd's own (float64) times instead of diffusers' fp32
+    # round trips gives visibly different noise: the trajectories differ by ~4e-4, so the
+    # parity test above would catch noise this far off (and guards its own adapter).
+    scheduler = make_scheduler(DPMSolverSDEScheduler, "epsilon", noise_sampler_seed=42)
+    theirs, _ = run_diffusers(scheduler, initial_noise(), STEPS)
+    schedule = DiscreteSchedule.from_alphas_cumprod(scheduler.alphas_cumprod)
+    plan = plan_sampler("dpmpp_sde", schedule, STEPS)
+    x = initial_noise() * plan.init_noise_sigma
+    tree = BrownianTreeNoiseSampler(x, float(plan.sigmas[-2]), float(plan.sigmas[0]), 42)
+    ours, _ = run_minisd(plan.sampler, plan.sigmas, x, schedule, "epsilon", noise_sampler=tree)
+    err = (ours[-1] - theirs[-1]).abs().max() / theirs[-1].abs().max()
+    assert err > 1e-4
 
 
 def test_euler_linspace_fractional_timesteps():
@@ -478,14 +571,20 @@ def gaussian_start(sigma_0: float, dtype=torch.float32) -> torch.Tensor:
     return MU + math.sqrt(S**2 + sigma_0**2) * n
 
 
+def _dpmpp_2s(denoiser, x, sigmas, *, generator=None, callback=None):
+    """DPM++ SDE without noise (eta = 0): DPM-Solver++(2S), a 2nd-order ODE solver."""
+    return sample_dpmpp_sde(denoiser, x, sigmas, eta=0.0, generator=generator, callback=callback)
+
+
 # (sampler, order of accuracy, max error at 40 Karras steps). The ratio err(20)/err(40)
-# should approach 2**order; measured: 2.0 (Euler, DDIM), 4.4 (Heun, DPM++ 2M), 11.6 (LMS,
-# whose order ramps up to 4).
+# should approach 2**order; measured: 2.0 (Euler, DDIM), 4.4 (Heun, DPM++ 2M), 4.1
+# (DPM++ 2S = DPM++ SDE with eta = 0), 11.6 (LMS, whose order ramps up to 4).
 ODE_SAMPLERS = [
     (sample_euler, 1.8, 0.15),
     (sample_ddim, 1.8, 0.15),
     (sample_heun, 3.5, 0.012),
     (sample_dpmpp_2m, 3.5, 0.012),
+    (_dpmpp_2s, 3.5, 0.012),
     (sample_lms, 8.0, 3e-3),
 ]
 
@@ -510,6 +609,11 @@ def _ddpm(denoiser, x, sigmas, *, generator=None, callback=None):
     return sample_ddim(denoiser, x, sigmas, eta=1.0, generator=generator, callback=callback)
 
 
+def _dpmpp_sde_r1(denoiser, x, sigmas, *, generator=None, callback=None):
+    """r = 1: the intermediate level is sigma_next itself (up to round-off on either side)."""
+    return sample_dpmpp_sde(denoiser, x, sigmas, r=1.0, generator=generator, callback=callback)
+
+
 # (sampler, bound on |std - S| at 50 Karras steps). First-order samplers carry an
 # O(1/steps) bias (measured 0.015 for Euler, 0.034 for Euler ancestral); the others are
 # within sampling error (standard error of the std: S / sqrt(2 * 20000) = 0.0025).
@@ -522,6 +626,8 @@ DISTRIBUTION_SAMPLERS = [
     (sample_lms, 0.012),
     (sample_dpmpp_2m, 0.012),
     (sample_dpmpp_2m_sde, 0.012),
+    (sample_dpmpp_sde, 0.012),
+    (_dpmpp_sde_r1, 0.012),
 ]
 
 
@@ -554,6 +660,100 @@ def test_paper_equivalences():
     # DPM++ 2M SDE with eta = 0 is DPM++ 2M.
     c = sample_dpmpp_2m_sde(gaussian_denoiser, x, sigmas, eta=0.0)
     assert_rel_close(c, sample_dpmpp_2m(gaussian_denoiser, x, sigmas), 1e-6, "2M SDE eta=0 vs 2M")
+
+
+@pytest.mark.parametrize("r", [0.5, 0.3, 1.0])
+def test_dpmpp_sde_without_noise_is_dpm_solver_pp_2s(r):
+    # With eta = 0 DPM++ SDE is DPM-Solver++(2S): Lu et al. 2022 ("DPM-Solver++"),
+    # Algorithm 1, transcribed here in the paper's own VP variables: alpha_t = 1/sqrt(1 + s^2),
+    # sigma_t = s/sqrt(1 + s^2) for the VE noise level s, lambda_t = log(alpha_t / sigma_t),
+    # x_theta(x_t, t) = D(x_t / alpha_t; s). float64, ending at sigma_min (finite lambda):
+    # the two forms differ by round-off only.
+    schedule = DiscreteSchedule.scaled_linear()
+    levels = karras_sigmas(12, schedule.sigma_min, schedule.sigma_max)[:-1].double()
+    x = gaussian_start(float(levels[0]), torch.float64)
+
+    def alpha_sigma(s):
+        return 1 / math.sqrt(1 + s**2), s / math.sqrt(1 + s**2)
+
+    def lam(s):
+        alpha, sigma = alpha_sigma(s)
+        return math.log(alpha / sigma)
+
+    def x_theta(x_t, s):
+        return gaussian_denoiser(x_t / alpha_sigma(s)[0], torch.full((x_t.shape[0],), s, dtype=torch.float64))
+
+    x_t = to_variance_preserving(x, float(levels[0]))
+    values = levels.tolist()
+    for t_prev, t_i in zip(values, values[1:]):
+        h = lam(t_i) - lam(t_prev)
+        s_i = math.exp(-(lam(t_prev) + r * h))  # t_lambda(lambda_prev + r h), as a VE level: lambda = -log(s)
+        alpha_s, sigma_s = alpha_sigma(s_i)
+        alpha_i, sigma_i = alpha_sigma(t_i)
+        sigma_prev = alpha_sigma(t_prev)[1]
+        d_prev = x_theta(x_t, t_prev)
+        u_i = (sigma_s / sigma_prev) * x_t - alpha_s * math.expm1(-r * h) * d_prev
+        d_i = (1 - 1 / (2 * r)) * d_prev + 1 / (2 * r) * x_theta(u_i, s_i)
+        x_t = (sigma_i / sigma_prev) * x_t - alpha_i * math.expm1(-h) * d_i
+
+    def no_noise(sigma, sigma_next):
+        raise AssertionError("eta = 0 must not draw noise")
+
+    generator = torch.Generator().manual_seed(0)
+    state = generator.get_state()
+    ours = sample_dpmpp_sde(gaussian_denoiser, x, levels, eta=0.0, r=r, generator=generator)
+    assert torch.equal(generator.get_state(), state), "eta = 0 must leave the generator untouched"
+    assert_rel_close(to_variance_preserving(ours, values[-1]), x_t, 1e-12, "DPM-Solver++(2S)")
+    again = sample_dpmpp_sde(gaussian_denoiser, x, levels, eta=0.0, r=r, noise_sampler=no_noise)
+    assert torch.equal(again, ours)
+
+
+@TORCHSDE_GRID
+def test_dpmpp_sde_noise_is_brownian():
+    # A step's two noises are the increments of one Brownian motion W(sigma) over
+    # [sigma_s, sigma] and [sigma_next, sigma], normalized: N(0, 1) each, with correlation
+    # sqrt((sigma - sigma_s) / (sigma - sigma_next)). The default (from the generator) must
+    # draw them with the law of diffusers' torchsde tree. One step 4 -> 1 (sigma_s = 2)
+    # with D = 0 from x = 0 exposes them: the midpoint input is sigma_up_1 z_1 and the
+    # result sigma_up_2 z_2, with sigma_up^2 = b^2 (a^2 - b^2) / a^2 for a step a -> b.
+    # Over 20000 values the standard errors are 0.005 (std) and 0.0024 (correlation).
+    x = torch.zeros(4, 5000)
+    up_1, up_2 = math.sqrt(4 * (16 - 4) / 16), math.sqrt(1 * (16 - 1) / 16)
+    expected = math.sqrt((4 - 2) / (4 - 1))
+    inputs = []
+
+    def zero(x_in, sigma):
+        inputs.append(x_in)
+        return torch.zeros_like(x_in)
+
+    for noise_sampler in (None, BrownianTreeNoiseSampler(x, 1.0, 4.0, seed=3)):
+        inputs.clear()
+        out = sample_dpmpp_sde(
+            zero, x, torch.tensor([4.0, 1.0]), generator=torch.Generator().manual_seed(3), noise_sampler=noise_sampler
+        )
+        z_1, z_2 = inputs[1].flatten() / up_1, out.flatten() / up_2
+        assert abs(z_1.std().item() - 1) < 0.02 and abs(z_2.std().item() - 1) < 0.02
+        correlation = torch.corrcoef(torch.stack([z_1, z_2]))[0, 1].item()
+        assert abs(correlation - expected) < 0.01, f"{noise_sampler}: correlation {correlation} != {expected}"
+
+
+@TORCHSDE_GRID
+def test_dpmpp_sde_needs_correlated_noise():
+    # Why the default correlates its two noises: drawn independently, each is still N(0, 1)
+    # and the sampler still converges, but slowly. At 50 Karras steps on the Gaussian data
+    # |std - S| measured 0.032 with independent noise vs 0.001 (default) and 0.002
+    # (torchsde tree, diffusers' noise); the sampling error is 0.0025.
+    schedule = DiscreteSchedule.scaled_linear()
+    sigmas = karras_sigmas(50, schedule.sigma_min, schedule.sigma_max)
+    x = gaussian_start(float(sigmas[0]))
+    generator = torch.Generator().manual_seed(1)
+    independent = lambda sigma, sigma_next: torch.randn(x.shape, generator=generator)  # noqa: E731
+    tree = BrownianTreeNoiseSampler(x, float(sigmas[-2]), float(sigmas[0]), seed=1)
+    errors = {}
+    for name, noise_sampler in (("independent", independent), ("tree", tree), ("default", None)):
+        out = sample_dpmpp_sde(gaussian_denoiser, x, sigmas, noise_sampler=noise_sampler, generator=generator)
+        errors[name] = abs(out.std().item() - S)
+    assert errors["independent"] > 0.02 and errors["tree"] < 0.012 and errors["default"] < 0.012, errors
 
 
 # ----------------------------------------------------------------------------------
@@ -757,6 +957,10 @@ def test_errors():
         sample_heun(gaussian_denoiser, x, torch.tensor([1.0]))
     with pytest.raises(ValueError, match=r"eta: expected a value in \[0, 1\], got 1.5"):
         sample_ddim(gaussian_denoiser, x, torch.tensor([1.0, 0.5, 0.0]), eta=1.5)
+    with pytest.raises(ValueError, match=r"eta: expected a value in \[0, 1\], got -0.5"):
+        sample_dpmpp_sde(gaussian_denoiser, x, torch.tensor([1.0, 0.5, 0.0]), eta=-0.5)
+    with pytest.raises(ValueError, match=r"r: expected a value in \(0, 1\], got 0"):
+        sample_dpmpp_sde(gaussian_denoiser, x, torch.tensor([1.0, 0.5, 0.0]), r=0)
     with pytest.raises(ValueError, match=r"order: expected an integer >= 1"):
         sample_lms(gaussian_denoiser, x, torch.tensor([1.0, 0.0]), order=0)
     cond = {"context": torch.zeros(1, 3, 8)}

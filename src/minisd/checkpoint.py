@@ -258,10 +258,11 @@ def _build(spec: FamilySpec) -> tuple[UNetModel, AutoencoderKL, list[TextTransfo
         return UNetModel(spec.unet), AutoencoderKL(spec.vae), [TextTransformer(t.config) for t in spec.text]
 
 
-def official_tables(spec: FamilySpec, keys: set[str], *, use_ema: bool = False) -> dict[str, KeyTable]:
+def official_tables(spec: FamilySpec, keys: set[str], *, use_ema: bool = False, modules=None) -> dict[str, KeyTable]:
     """One table per component (U-Net, VAE, text encoders, in that order) from an official file's
-    keys to our module names. `keys` (the file's) picks the HF CLIP variant without `text_model.`."""
-    unet, vae, encoders = _build(spec)
+    keys to our module names. `keys` (the file's) picks the HF CLIP variant without `text_model.`;
+    `modules` are the components already built (else they are built on meta here)."""
+    unet, vae, encoders = modules or _build(spec)
     unet_keys = _module_keys(unet)
     if use_ema:
         unet_table = KeyTable("U-Net (EMA)", tuple(Rule(k, (_ema_key(k),)) for k in unet_keys),
@@ -294,7 +295,7 @@ def _load_single_file(path, device, dtype, family, config, prediction_type, use_
     unet, vae, encoders = _build(spec)
     if use_ema and not detected.has_ema:
         raise CheckpointError(f"{path}: use_ema=True but the file holds no `model_ema.*` weights (it is pruned)")
-    tables = official_tables(spec, keys, use_ema=use_ema)
+    tables = official_tables(spec, keys, use_ema=use_ema, modules=(unet, vae, encoders))
     dtype_of = lambda k: vae_dtype if k.startswith(VAE_PREFIX) else dtype  # noqa: E731
     source = _LazyTensors(readers, dtype_of, device)
     try:

@@ -1,0 +1,263 @@
+"""Shared set-up of the benchmarks: one set of random weights, run through minisd and a reference.
+
+Every benchmark compares minisd with its reference library *on the same weights*:
+the weights are made once, in minisd's (official) layout, and the reference model
+receives the very same tensors through minisd's own key tables
+(`unet.diffusers_table`, `vae.diffusers_table`, `clip.hf_table`), loaded with
+`assign=True` so the two models share storage instead of holding two copies.
+
+Random weights are seeded normals of a modest std (0.02; norm scales 1 + 0.02 n):
+large enough that every layer does real work, small enough that fp16 stays finite.
+Full-size models are built on the meta device and materialised directly on the
+target device, so a GPU run never generates billions of numbers on the CPU.
+
+Only the benchmarks import this module (it needs diffusers / transformers).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from minisd import clip as mclip
+from minisd import unet as munet
+from minisd import vae as mvae
+from minisd.diffusers_format import text_to_hf, unet_to_diffusers, vae_to_diffusers
+from minisd.keymap import load_strict
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+SOT, EOT = 49406, 49407
+FOURIER = 256  # SDXL's size/crop embeddings: 256 features per number (diffusers addition_time_embed_dim)
+
+
+# --------------------------------------------------------------------------- weights
+def random_state_dict(
+    meta_model: nn.Module, *, seed: int, device: str | torch.device, std: float = 0.02
+) -> dict[str, torch.Tensor]:
+    """fp32 seeded normal weights for every tensor of `meta_model` (built on the meta device).
+
+    Tensors are drawn one by one in sorted-name order from one generator on `device`,
+    so the same seed gives the same weights in any process on the same device kind."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    out: dict[str, torch.Tensor] = {}
+    for name, t in sorted(meta_model.state_dict().items()):
+        x = torch.empty(t.shape, dtype=torch.float32, device=device)
+        # 1-d "weight"s are norm scales: around 1, so no layer is switched off.
+        x.normal_(1.0 if name.endswith("weight") and t.dim() == 1 else 0.0, std, generator=g)
+        out[name] = x
+    return out
+
+
+def cast(sd: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """A cast copy (the same tensors when `dtype` is already theirs)."""
+    return {k: v.to(dtype) for k, v in sd.items()}
+
+
+# --------------------------------------------------------------------------- component specs
+@dataclass(frozen=True)
+class Spec:
+    """One component at one size: how to build both sides and feed them."""
+
+    kind: str  # "unet", "vae" (decode), "vae-encode", "clip"
+    config: Any  # UNetConfig, VAEConfig or TextConfig
+    label: str
+
+
+def meta_ours(spec: Spec) -> nn.Module:
+    with torch.device("meta"):
+        if spec.kind == "unet":
+            return munet.UNetModel(spec.config)
+        if spec.kind.startswith("vae"):
+            return mvae.AutoencoderKL(spec.config)
+        return mclip.TextTransformer(spec.config)
+
+
+def build_ours(spec: Spec, sd: dict[str, torch.Tensor], dtype: torch.dtype) -> nn.Module:
+    """minisd's model holding `sd` cast to `dtype` (no copy when already `dtype`)."""
+    return load_strict(meta_ours(spec), sd, source="benchmark weights", dtype=dtype).eval()
+
+
+def unet_diffusers_config(cfg: munet.UNetConfig) -> dict:
+    """The UNet2DConditionModel config of `cfg` (minisd's own writer, which
+    tests/test_diffusers_folder.py checks by loading its output into diffusers)."""
+    return {k: v for k, v in unet_to_diffusers(cfg).items() if k != "_class_name"}
+
+
+def vae_diffusers_config(cfg: mvae.VAEConfig) -> dict:
+    return {k: v for k, v in vae_to_diffusers(cfg).items() if k != "_class_name"}
+
+
+def hf_clip_config(cfg: mclip.TextConfig):
+    """The transformers CLIPTextConfig of `cfg` (SD1's text_encoder/config.json for CLIP-L)."""
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(**{k: v for k, v in text_to_hf(cfg).items() if k not in ("architectures", "model_type")})
+
+
+@functools.cache
+def _table(kind: str, config: Any):
+    """minisd's key table to the reference's layout (built once per config: it builds a meta model)."""
+    if kind == "unet":
+        return munet.diffusers_table(config)
+    if kind.startswith("vae"):
+        return mvae.diffusers_table(config)
+    return mclip.hf_table(config)
+
+
+def build_theirs(spec: Spec, ours_sd: dict[str, torch.Tensor], device: str | torch.device) -> nn.Module:
+    """The reference model holding the same tensors as `ours_sd` (minisd names), shared, not copied."""
+    if spec.kind == "unet":
+        from diffusers import UNet2DConditionModel
+
+        sd = _table(spec.kind, spec.config).to_theirs(ours_sd)
+        with torch.device("meta"):
+            model = UNet2DConditionModel(**dict(unet_diffusers_config(spec.config)))
+    elif spec.kind.startswith("vae"):
+        from diffusers import AutoencoderKL
+
+        sd = _table(spec.kind, spec.config).to_theirs(ours_sd)
+        with torch.device("meta"):
+            model = AutoencoderKL(**dict(vae_diffusers_config(spec.config)))
+    else:
+        from transformers import CLIPTextModel
+
+        sd = _table(spec.kind, spec.config).to_theirs(ours_sd)
+        # Built for real (123M parameters, cheap): its `position_ids` buffer is not in the
+        # state dict, so a meta-built model would keep it on the meta device.
+        with torch.device(device):
+            model = CLIPTextModel(hf_clip_config(spec.config))
+        if not hasattr(model, "text_model"):  # transformers >= 5.6 flattened CLIPTextModel
+            sd = {k.removeprefix("text_model."): v for k, v in sd.items()}
+    model.load_state_dict(sd, strict=True, assign=True)
+    on_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if on_meta:
+        raise RuntimeError(f"{spec.label}: reference tensors left on meta: {on_meta[:5]}")
+    return model.eval()
+
+
+def param_bytes(model: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+# --------------------------------------------------------------------------- inputs and calls
+def make_inputs(
+    spec: Spec, *, batch: int, size: int, device: str | torch.device, dtype: torch.dtype, seed: int = 1
+) -> dict:
+    """Seeded inputs for both sides. `size` is the latent side (U-Net, VAE decode), the image
+    side (VAE encode) or the token count (CLIP)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    if spec.kind == "unet":
+        cfg = spec.config
+        inp = dict(
+            x=torch.randn(batch, cfg.in_channels, size, size, generator=g, device=device).to(dtype),
+            t=torch.linspace(999, 0, batch, device=device).round(),  # distinct timesteps per row
+            context=torch.randn(batch, 77, cfg.context_dim, generator=g, device=device).to(dtype),
+        )
+        if cfg.adm_in_channels is not None:
+            # SDXL's y, as diffusers' "text_time" embedding rebuilds it from its parts: pooled
+            # text, then a 256-wide [cos, sin] embedding of each size/crop number (diffusers'
+            # own get_timestep_embedding, so it does not rely on minisd).
+            from diffusers.models.embeddings import get_timestep_embedding
+
+            # SDXL base layout: 6 numbers (original size, crop, target size); the pooled text
+            # fills the rest of adm_in_channels (1280 of 2816 for the full-size model).
+            pooled = cfg.adm_in_channels - 6 * FOURIER
+            text_embeds = torch.randn(batch, pooled, generator=g, device=device).to(dtype)
+            time_ids = torch.tensor([[1024.0, 1024.0, 0.0, 0.0, 1024.0, 1024.0]] * batch, device=device)
+            fourier = get_timestep_embedding(time_ids.flatten(), FOURIER, flip_sin_to_cos=True, downscale_freq_shift=0)
+            inp["y"] = torch.cat([text_embeds.float(), fourier.reshape(batch, -1)], dim=1)
+            inp["added_cond_kwargs"] = {"text_embeds": text_embeds, "time_ids": time_ids}
+        return inp
+    if spec.kind == "vae":
+        return dict(z=torch.randn(batch, spec.config.embed_dim, size, size, generator=g, device=device).to(dtype))
+    if spec.kind == "vae-encode":
+        img = torch.rand(batch, spec.config.in_channels, size, size, generator=g, device=device) * 2 - 1
+        return dict(images=img.to(dtype))
+    # CLIP: [SOT, random ids, EOT, EOT padding], as SD1's tokenizer pads.
+    n = max(2, size // 2)
+    body = torch.randint(0, SOT, (batch, n - 2), generator=g, device=device)
+    ids = torch.full((batch, size), EOT, dtype=torch.long, device=device)
+    ids[:, 0], ids[:, 1 : n - 1] = SOT, body
+    return dict(ids=ids)
+
+
+def call_ours(spec: Spec, model: nn.Module) -> Callable[[dict], torch.Tensor]:
+    if spec.kind == "unet":
+        return lambda i: model(i["x"], i["t"], i["context"], i.get("y"))
+    if spec.kind == "vae":
+        return lambda i: model.decode(i["z"])
+    if spec.kind == "vae-encode":
+        return lambda i: model.encode(i["images"]).mean
+    return lambda i: model(i["ids"]).last_hidden_state
+
+
+def call_theirs(spec: Spec, model: nn.Module) -> Callable[[dict], torch.Tensor]:
+    if spec.kind == "unet":
+        return lambda i: model(
+            i["x"], i["t"], encoder_hidden_states=i["context"], added_cond_kwargs=i.get("added_cond_kwargs")
+        ).sample
+    if spec.kind == "vae":
+        return lambda i: model.decode(i["z"]).sample
+    if spec.kind == "vae-encode":
+        return lambda i: model.encode(i["images"]).latent_dist.mean
+    return lambda i: model(input_ids=i["ids"]).last_hidden_state
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max|actual - expected| / max|expected| (tests.utils.assert_rel_close's measure); inf if not finite."""
+    a, e = actual.detach().double(), expected.detach().double()
+    if not (torch.isfinite(a).all() and torch.isfinite(e).all()):
+        return math.inf
+    return ((a - e).abs().max() / e.abs().max().clamp_min(1e-30)).item()
+
+
+# --------------------------------------------------------------------------- timing
+def sync(device: torch.device | str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_runs(fn: Callable[[], Any], device: str | torch.device, *, warmup: int, repeats: int) -> list[float]:
+    """Seconds per call after `warmup` untimed calls: CUDA events on a GPU, perf_counter on a CPU."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    cuda = torch.device(device).type == "cuda"
+    for _ in range(repeats):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+def median(xs: list[float]) -> float:
+    s = sorted(xs)
+    n = len(s)
+    return s[n // 2] if n % 2 else 0.5 * (s[n // 2 - 1] + s[n // 2])
+
+
+def fmt_bytes(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+
+
+def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+

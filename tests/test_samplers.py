@@ -25,15 +25,12 @@ import numpy as np
 import pytest
 import torch
 
+from minisd.denoisers import DiscreteDenoiser, cfg_denoiser, denoiser_scalings, rescale_guidance
 from minisd.samplers import (
     SAMPLER_NAMES,
     SAMPLERS,
-    DiscreteDenoiser,
-    cfg_denoiser,
-    denoiser_scalings,
     lms_coefficient,
     plan_sampler,
-    rescale_guidance,
     sample_ddim,
     sample_dpmpp_2m,
     sample_dpmpp_2m_sde,

@@ -1,7 +1,7 @@
 """minisd: Stable Diffusion v1, v2 and SDXL, written by hand in PyTorch.
 
 See README.md for the tour; each component lives in one file:
-`tokenizer`, `clip`, `conditioning`, `unet`, `vae`, `schedules`, `samplers`,
+`tokenizer`, `clip`, `conditioning`, `unet`, `vae`, `schedules`, `denoisers`, `samplers`,
 `checkpoint`, `pipeline`, with the shared `attention` function, the `keymap`
 tables and the `families` table.
 

@@ -65,7 +65,8 @@ from .clip import TextTransformer
 from .conditioning import Conditioning, encode_prompt, refiner_vector, sdxl_vector
 from .families import FamilySpec, TextEncoderUse
 from .images import ImageInput, images_to_tensor, masks_to_tensor, tensor_to_pil, to_unit_range
-from .samplers import SAMPLER_NAMES, Callback, Denoiser, DiscreteDenoiser, cfg_denoiser, plan_sampler
+from .denoisers import Denoiser, DiscreteDenoiser, cfg_denoiser
+from .samplers import SAMPLER_NAMES, Callback, plan_sampler
 from .schedules import DiscreteSchedule, from_variance_preserving, img2img_start, split_sigmas, to_variance_preserving
 from .tokenizer import CLIPTokenizer
 from .unet import UNetModel

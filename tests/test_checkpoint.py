@@ -394,3 +394,21 @@ def test_trusted_ckpt_loads_with_allow_pickle(tmp_path):
     torch.save({"state_dict": ckpt.tensors, "global_step": 10}, path)
     sd = minisd.load(path, config=tiny_config("sd1"), allow_pickle=True)
     check_against_references(sd, ckpt)
+
+
+def test_tensors_sharing_storage(tmp_path):
+    # A .ckpt whose EMA copy is saved as views of the regular weights (one storage for both): the
+    # loaded parameters must not alias each other, and a save afterwards must not trip safetensors'
+    # refusal of shared storage.
+    ckpt = official_checkpoint("sd1")
+    tensors = dict(ckpt.tensors)
+    for k in [k for k in tensors if k.startswith(UNET_PREFIX)]:
+        tensors["model_ema." + ("diffusion_model." + k[len(UNET_PREFIX):]).replace(".", "")] = tensors[k].view(tensors[k].shape)
+    path = tmp_path / "shared.ckpt"
+    torch.save({"state_dict": tensors}, path)
+    sd = minisd.load(path, config=tiny_config("sd1"), allow_pickle=True, use_ema=True)
+    ptrs = [p.untyped_storage().data_ptr() for p in sd.unet.parameters()]
+    assert len(ptrs) == len(set(ptrs))
+    check_against_references(sd, ckpt)  # the EMA copy holds the same values as the regular weights here
+    minisd.save(sd, tmp_path / "out.safetensors")
+    assert minisd.detect(tmp_path / "out.safetensors").family == "sd1"

@@ -48,6 +48,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from procmem import peak_rss_bytes, reset_peak_rss, rss_bytes  # noqa: E402
 from common import (  # noqa: E402
     DTYPES,
     Spec,
@@ -76,33 +77,6 @@ SPECS = {
     "clip": Spec("clip", CLIP_VIT_L14, "CLIP-L text (123M)"),
 }
 REFERENCE = {"unet": "diffusers", "vae": "diffusers", "clip": "transformers"}
-
-
-# --------------------------------------------------------------------------- memory (Linux)
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
-def rss_bytes() -> int:
-    return _status_kib("VmRSS") * 1024
-
-
-def reset_peak_rss() -> bool:
-    """Reset the high-water mark VmHWM to the current RSS (Linux >= 4.0, `clear_refs` 5)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def peak_rss_bytes() -> int:
-    return _status_kib("VmHWM") * 1024
 
 
 # --------------------------------------------------------------------------- workers (subprocesses)

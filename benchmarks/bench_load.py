@@ -43,8 +43,6 @@ This is a benchmark, not a test: it asserts nothing about speed.
 from __future__ import annotations
 
 import argparse
-import gzip
-import importlib.resources
 import json
 import os
 import platform
@@ -54,29 +52,15 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from procmem import peak_rss_bytes, reset_peak_rss, rss_bytes  # noqa: E402
+
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_PATH = REPO / "weights" / "bench_sd15_fp16.safetensors"
 UNET, VAE, CLIP = "model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer."
 
 
 # --------------------------------------------------------------------------- memory (Linux)
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
-def reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset VmHWM to the current RSS (Linux >= 4.0)
-        return True
-    except OSError:
-        return False
-
-
 # --------------------------------------------------------------------------- the checkpoint
 def official_tensors(bare: bool) -> list[tuple[str, str, tuple[int, ...]]]:
     """(key, safetensors dtype, shape) of an official SD1.5 file, from minisd's modules on meta."""
@@ -197,32 +181,14 @@ def write_diffusers_config(folder: Path) -> None:
             "beta_schedule": "scaled_linear", "beta_start": 0.00085, "num_train_timesteps": 1000,
             "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1, "clip_sample": False,
         },
-        "tokenizer/tokenizer_config.json": {
-            "add_prefix_space": False, "bos_token": "<|startoftext|>", "do_lower_case": True,
-            "eos_token": "<|endoftext|>", "errors": "replace", "model_max_length": 77, "pad_token": "<|endoftext|>",
-            "tokenizer_class": "CLIPTokenizer", "unk_token": "<|endoftext|>",
-        },
-        "tokenizer/special_tokens_map.json": {
-            "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
-            "unk_token": "<|endoftext|>",
-        },
     }
     for name, content in configs.items():
         (folder / name).parent.mkdir(parents=True, exist_ok=True)
         (folder / name).write_text(json.dumps(content, indent=1))
-    # HF's vocab.json / merges.txt are openai/CLIP's vocabulary written out (its SimpleTokenizer
-    # builds the same list): 256 byte symbols, the same with "</w>", one entry per merge, then
-    # the two special tokens; merges.txt is the first 48894 merges after a version line.
-    from minisd.tokenizer import NUM_MERGES, bytes_to_unicode
+    # the tokenizer files (vocab.json, merges.txt, configs) from minisd's bundled BPE vocabulary
+    from minisd.diffusers_format import write_tokenizer
 
-    with (importlib.resources.files("minisd") / "data" / "bpe_simple_vocab_16e6.txt.gz").open("rb") as f:
-        merges = gzip.decompress(f.read()).decode("utf-8").split("\n")[1 : NUM_MERGES + 1]
-    symbols = list(bytes_to_unicode().values())
-    vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m.split()) for m in merges]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    ids = {s: i for i, s in enumerate(vocab)}
-    (folder / "tokenizer" / "vocab.json").write_text(json.dumps(ids, ensure_ascii=False), encoding="utf-8")
-    (folder / "tokenizer" / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    write_tokenizer(folder / "tokenizer", pad_token="<|endoftext|>")
 
 
 def file_sums(path: Path) -> dict[str, float]:
@@ -251,7 +217,7 @@ def worker(side: str, path: str, config: str) -> dict:
     else:
         from diffusers import StableDiffusionPipeline
     t_import = time.perf_counter() - t0
-    rss_import = _status_kib("VmRSS") * 1024
+    rss_import = rss_bytes()
     reset = reset_peak_rss()
 
     t0 = time.perf_counter()
@@ -267,7 +233,7 @@ def worker(side: str, path: str, config: str) -> dict:
         )
         parts = {"unet": pipe.unet, "vae": pipe.vae, "text": pipe.text_encoder}
     t_load = time.perf_counter() - t0
-    rss_load, peak_load = _status_kib("VmRSS") * 1024, _status_kib("VmHWM") * 1024
+    rss_load, peak_load = rss_bytes(), peak_rss_bytes()
 
     # Read one element of every 4 KiB page of every parameter: pages still mapped from the
     # file are faulted in now (the first forward pass would pay this), nothing else is done.
@@ -277,7 +243,7 @@ def worker(side: str, path: str, config: str) -> dict:
             for p in m.parameters():
                 p.detach().reshape(-1)[:: max(1, 4096 // p.element_size())].sum()
     t_touch = time.perf_counter() - t0
-    peak_touched = _status_kib("VmHWM") * 1024
+    peak_touched = peak_rss_bytes()
     with torch.no_grad():  # a fingerprint of the values, to check that both sides loaded the same
         sums = {name: sum(p.sum(dtype=torch.float32).item() for p in m.parameters()) for name, m in parts.items()}
     dtypes = sorted({str(p.dtype) for m in parts.values() for p in m.parameters()})

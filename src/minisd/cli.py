@@ -95,7 +95,9 @@ def _cmd_info(args) -> int:
 
 
 def _cmd_generate(args) -> int:
-    sd = load(args.checkpoint, device=args.device, dtype=_DTYPES[args.dtype], family=args.family, config=args.config)
+    # fp16 on a GPU (the VAE stays fp32), fp32 on a CPU, unless --dtype says otherwise
+    dtype = _DTYPES[args.dtype] if args.dtype else torch.float16 if args.device.startswith("cuda") else torch.float32
+    sd = load(args.checkpoint, device=args.device, dtype=dtype, family=args.family, config=args.config)
     kwargs = dict(negative_prompt=args.negative, steps=args.steps, sampler=args.sampler, seed=args.seed,
                   width=args.width, height=args.height, guidance_scale=args.guidance, num_images=args.num_images)
     images = sd.generate(args.prompt, **kwargs)
@@ -172,10 +174,11 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--no-hash", action="store_true", help="skip the SHA-256 (it reads the whole file)")
     info.set_defaults(func=_cmd_info)
 
-    def model_args(q):
+    def model_args(q, dtype_default):
         q.add_argument("--family", help="override detection (sd1, sd2, sd2-v, sdxl, ...)")
         q.add_argument("--config", help="JSON file of a non-standard architecture")
-        q.add_argument("--dtype", choices=sorted(_DTYPES), default="fp32")
+        q.add_argument("--dtype", choices=sorted(_DTYPES), default=dtype_default,
+                       help="U-Net and text encoders (default: " + (dtype_default or "fp16 on CUDA, else fp32") + ")")
 
     gen = sub.add_parser("generate", help="text to image")
     gen.add_argument("checkpoint")
@@ -191,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--num-images", type=int, default=1)
     gen.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     gen.add_argument("--overwrite", action="store_true")
-    model_args(gen)
+    model_args(gen, None)
     gen.set_defaults(func=_cmd_generate)
 
     conv = sub.add_parser("convert", help="official single file <-> diffusers folder, .ckpt -> .safetensors")
@@ -201,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--allow-pickle", action="store_true", help="read a trusted .ckpt (torch.load weights_only)")
     conv.add_argument("--use-ema", action="store_true")
     conv.add_argument("--overwrite", action="store_true")
-    model_args(conv)
+    model_args(conv, "fp32")
     conv.set_defaults(func=_cmd_convert)
 
     demo = sub.add_parser("demo", help="run the whole pipeline on a tiny random model (no weights needed)")

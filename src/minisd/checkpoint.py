@@ -405,8 +405,10 @@ def _weight_files(comp: Path, base: str, variant: str | None, allow_pickle: bool
             return [comp / name]
         index = comp / f"{name}.index.json"
         if index.exists():
-            shards = sorted(set(read_json(index).get("weight_map", {}).values()))
-            return [comp / s for s in shards]
+            weight_map = read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise CheckpointError(f"{index}: no weight_map listing the shards")
+            return [comp / s for s in sorted(set(weight_map.values()))]
     pickles = [comp / f"{base}.bin"] if (comp / f"{base}.bin").exists() else []
     if pickles:
         if not allow_pickle:

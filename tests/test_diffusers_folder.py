@@ -192,3 +192,20 @@ def test_folder_errors(tmp_path):
     (tmp_path / "f" / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
     with pytest.raises(CheckpointError, match="lists no text encoder"):
         minisd.load(tmp_path / "f")
+
+
+def test_sharded_component(tmp_path):
+    # large components come in shards listed by `*.safetensors.index.json` (transformers/diffusers)
+    sd = minisd.load(save_file(official_checkpoint("sd1").tensors, tmp_path / "sd1.safetensors"), config=tiny_config("sd1"))
+    minisd.save(sd, tmp_path / "f", format="diffusers")
+    whole = tmp_path / "f" / "unet" / "diffusion_pytorch_model.safetensors"
+    tensors = safetensors.torch.load_file(str(whole))
+    keys = sorted(tensors)
+    shards = {"diffusion_pytorch_model-00001-of-00002.safetensors": keys[: len(keys) // 2],
+              "diffusion_pytorch_model-00002-of-00002.safetensors": keys[len(keys) // 2 :]}
+    for name, part in shards.items():
+        save_file({k: tensors[k] for k in part}, whole.parent / name)
+    index = {"metadata": {}, "weight_map": {k: name for name, part in shards.items() for k in part}}
+    (whole.parent / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index))
+    whole.unlink()
+    same_model(minisd.load(tmp_path / "f"), sd)

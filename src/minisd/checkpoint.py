@@ -27,7 +27,6 @@ plain containers.
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 import json
 import logging
 from collections.abc import Callable, Iterator, Mapping
@@ -89,6 +88,7 @@ OFFICIAL_IGNORES = (
     Ignore("denoiser.*", "sgm's discretized sigma buffer; minisd computes the schedule"),
     Ignore("cond_stage_model.model.visual.*", "OpenCLIP image tower, unused for text conditioning"),
 )
+_OFFICIAL_EXTRAS = KeyTable("official-file extras", (), OFFICIAL_IGNORES)
 _EMA_REASON = "EMA copy of the U-Net (pass use_ema=True to load it instead)"
 _NON_EMA_REASON = "non-EMA U-Net weights, replaced by the EMA copy (use_ema=True)"
 
@@ -139,17 +139,21 @@ class _LazyTensors(Mapping):
         return len(self._readers)
 
 
-def _safetensors_readers(files: list[Path], device) -> tuple[dict[str, Callable[[], torch.Tensor]], list]:
-    """Readers for every tensor of some safetensors files (open handles are returned to close later)."""
-    readers, handles = {}, []
+def _safetensors_readers(files: list[Path], device) -> dict[str, Callable[[], torch.Tensor]]:
+    """Readers for every tensor of some safetensors files (each keeps its file open until dropped)."""
+    readers = {}
     for f in files:
         h = safe_open(str(f), framework="pt", device=str(device) if torch.device(device).type != "meta" else "cpu")
-        handles.append(h)
         for k in h.keys():
             if k in readers:
                 raise CheckpointError(f"{f}: tensor {k!r} appears in two files of the same component")
             readers[k] = (lambda h=h, k=k: h.get_tensor(k))
-    return readers, handles
+    return readers
+
+
+def _pickle_readers(path: Path) -> dict[str, Callable[[], torch.Tensor]]:
+    """Readers over a pickled state dict (read once, with `_pickle_state_dict`)."""
+    return {k: (lambda v=v: v) for k, v in _pickle_state_dict(path).items()}
 
 
 def _pickle_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -280,13 +284,12 @@ def _load_single_file(path, device, dtype, family, config, prediction_type, use_
     if path.suffix.lower() in PICKLE_SUFFIXES:
         if not allow_pickle:
             refuse_pickle(path)
-        tensors = _pickle_state_dict(path)
-        infos = {k: TensorInfo(str(v.dtype), tuple(v.shape)) for k, v in tensors.items()}
-        readers, handles, metadata = {k: (lambda v=v: v) for k, v in tensors.items()}, [], {}
+        readers, metadata = _pickle_readers(path), {}
+        infos = {k: TensorInfo(str(t.dtype), tuple(t.shape)) for k, t in ((k, r()) for k, r in readers.items())}
     else:
         header = read_safetensors_header(path)
         infos, metadata = header.tensors, header.metadata
-        readers, handles = _safetensors_readers([path], device)
+        readers = _safetensors_readers([path], device)
     detected = detect_keys(infos, metadata, path)
     fam = family or detected.family
     spec = apply_config(family_spec(fam), config)
@@ -297,16 +300,13 @@ def _load_single_file(path, device, dtype, family, config, prediction_type, use_
         raise CheckpointError(f"{path}: use_ema=True but the file holds no `model_ema.*` weights (it is pruned)")
     tables = official_tables(spec, keys, use_ema=use_ema, modules=(unet, vae, encoders))
     dtype_of = lambda k: vae_dtype if k.startswith(VAE_PREFIX) else dtype  # noqa: E731
-    source = _LazyTensors(readers, dtype_of, device)
-    try:
-        state = _convert(tables, source, keys, OFFICIAL_IGNORES, path)
-    finally:
-        del handles
+    state = _convert(tables, _LazyTensors(readers, dtype_of, device), keys, path)
     ignored = state.pop("__ignored__")
     modules = [unet, vae, *encoders]
     for module, (name, sd) in zip(modules, state.items()):
         load_strict(module, sd, source=f"{path} [{name}]")
-    _check_schedule(source, keys, path)
+    if "alphas_cumprod" in readers:
+        _check_schedule(readers["alphas_cumprod"](), path)
 
     pt, reason = detected.prediction_type, detected.prediction_reason
     if family and family != detected.family:
@@ -326,7 +326,16 @@ def _load_single_file(path, device, dtype, family, config, prediction_type, use_
                            CLIPTokenizer(), pt, reason, ignored)
 
 
-def _convert(tables: dict[str, KeyTable], source: Mapping, keys: set[str], ignores, path) -> dict:
+def ignore_reason(key: str, tables: dict[str, KeyTable]) -> str | None:
+    """Why loading skips a key of an official file (the file-wide list, then each component's), or None."""
+    for table in (_OFFICIAL_EXTRAS, *tables.values()):
+        reason = table.ignored_reason(key)
+        if reason is not None:
+            return reason
+    return None
+
+
+def _convert(tables: dict[str, KeyTable], source: Mapping, keys: set[str], path) -> dict:
     """Apply each component's table to the file; then make sure every key was used or ignored."""
     used: set[str] = set()
     out: dict = {}
@@ -341,10 +350,9 @@ def _convert(tables: dict[str, KeyTable], source: Mapping, keys: set[str], ignor
             problems.append(f"  {name}: {len(missing)} missing key(s): {', '.join(missing[:8])}{more}")
             continue
         out[name] = table.to_ours(_Subset(source, own), source=f"{path} [{name}]")
-    all_ignores = tuple(ignores) + tuple(i for t in tables.values() for i in t.ignore)
     ignored, unexpected = {}, []
     for k in sorted(keys - used):
-        reason = next((i.reason for i in all_ignores if fnmatch.fnmatchcase(k, i.pattern)), None)
+        reason = ignore_reason(k, tables)
         if reason is None:
             unexpected.append(k)
         else:
@@ -377,11 +385,9 @@ class _Subset(Mapping):
         return len(self._keys)
 
 
-def _check_schedule(source: Mapping, keys: set[str], path: Path) -> None:
-    """Compare a stored `alphas_cumprod` with the scaled-linear schedule minisd computes."""
-    if "alphas_cumprod" not in keys:
-        return
-    stored = source["alphas_cumprod"].detach().to("cpu", torch.float64)
+def _check_schedule(stored: torch.Tensor, path: Path) -> None:
+    """Compare a stored `alphas_cumprod` (read as stored, not cast) with the scaled-linear schedule."""
+    stored = stored.detach().to("cpu", torch.float64)
     expected = ddpm_alphas_cumprod()
     # fp16 files store alphabar with ~5e-4 resolution near 1; anything beyond 2e-3 is another schedule.
     if stored.shape != expected.shape or (stored - expected).abs().max() > 2e-3:
@@ -421,12 +427,10 @@ def _component_readers(comp: Path, base: str, variant, allow_pickle, device) -> 
     """Readers for every tensor of one component folder, and the first weights file (for messages)."""
     files = _weight_files(comp, base, variant, allow_pickle)
     if files[0].suffix == ".bin":
-        sd = _pickle_state_dict(files[0])
-        return {k: (lambda v=v: v) for k, v in sd.items()}, files[0]
+        return _pickle_readers(files[0]), files[0]
     for f in files:
         read_safetensors_header(f)  # clear errors for truncated or corrupt files
-    readers, _handles = _safetensors_readers(files, device)
-    return readers, files[0]
+    return _safetensors_readers(files, device), files[0]
 
 
 def _load_diffusers(folder, device, dtype, family, config, prediction_type, vae_dtype, variant, allow_pickle):

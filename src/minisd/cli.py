@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import argparse
-import fnmatch
 import json
 import logging
 import sys
@@ -19,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import OFFICIAL_IGNORES, load, official_tables, save
+from .checkpoint import ignore_reason, load, official_tables, save
 from .detection import (
     KNOWN_SHA256,
     DetectedModel,
@@ -55,7 +54,7 @@ def describe(path: Path, *, with_hash: bool = True) -> str:
         tables = official_tables(spec, set(tensors))
         used = {k for t in tables.values() for k in t.theirs_keys}
         missing = used - set(tensors)
-        reasons = Counter(_reason(k, tables) for k in tensors if k not in used)
+        reasons = Counter(ignore_reason(k, tables) for k in tensors if k not in used)
         unexpected = reasons.pop(None, 0)
         if missing or unexpected:
             lines.append(f"  architecture: differs from the official {d.family} preset ({len(missing)} keys missing, "
@@ -79,14 +78,6 @@ def _numel(shape) -> int:
     for s in shape:
         n *= s
     return n
-
-
-def _reason(key: str, tables) -> str | None:
-    """Why the loader ignores a key, or None if it would reject it."""
-    for i in (*OFFICIAL_IGNORES, *(i for t in tables.values() for i in t.ignore)):
-        if fnmatch.fnmatchcase(key, i.pattern):
-            return i.reason
-    return None
 
 
 def _cmd_info(args) -> int:

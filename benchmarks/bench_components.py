@@ -48,7 +48,6 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from procmem import peak_rss_bytes, reset_peak_rss, rss_bytes  # noqa: E402
 from common import (  # noqa: E402
     DTYPES,
     Spec,
@@ -66,10 +65,10 @@ from common import (  # noqa: E402
     rel_err,
     time_runs,
 )
-
 from minisd.clip import CLIP_VIT_L14  # noqa: E402
 from minisd.unet import SD1_UNET  # noqa: E402
 from minisd.vae import SD_VAE  # noqa: E402
+from procmem import peak_rss_bytes, reset_peak_rss, rss_bytes  # noqa: E402
 
 SPECS = {
     "unet": Spec("unet", SD1_UNET, "U-Net SD1.5 (860M)"),

@@ -10,7 +10,7 @@
    plus what the official `v1-5-pruned-emaonly.safetensors` also holds besides the
    weights: the DDPM schedule buffers (`betas`, `alphas_cumprod`, ...) and CLIP's
    `position_ids` (`--bare` leaves them out). The key set comes from minisd's own
-   modules, built on the meta device, and `clip.hf_table(...).to_theirs`. The
+   modules, built on the meta device, and `layouts.hf_table(...).to_theirs`. The
    tensors are generated and written one at a time (the safetensors format is a
    JSON header and the raw bytes), so the writer never holds the model in memory.
    `weights/` is git-ignored; the file (about 2 GB) is kept for later runs.
@@ -66,7 +66,8 @@ def official_tensors(bare: bool) -> list[tuple[str, str, tuple[int, ...]]]:
     """(key, safetensors dtype, shape) of an official SD1.5 file, from minisd's modules on meta."""
     import torch
 
-    from minisd.clip import CLIP_VIT_L14, TextTransformer, hf_table
+    from minisd.clip import CLIP_VIT_L14, TextTransformer
+    from minisd.layouts import hf_table
     from minisd.unet import SD1_UNET, UNetModel
     from minisd.vae import SD_VAE, AutoencoderKL
 

@@ -3,7 +3,7 @@
 Every benchmark compares minisd with its reference library *on the same weights*:
 the weights are made once, in minisd's (official) layout, and the reference model
 receives the very same tensors through minisd's own key tables
-(`unet.diffusers_table`, `vae.diffusers_table`, `clip.hf_table`), loaded with
+(`diffusers_format.unet_table`, `diffusers_format.vae_table`, `layouts.hf_table`), loaded with
 `assign=True` so the two models share storage instead of holding two copies.
 
 Random weights are seeded normals of a modest std (0.02; norm scales 1 + 0.02 n):
@@ -29,11 +29,13 @@ from torch import nn
 from minisd import clip as mclip
 from minisd import unet as munet
 from minisd import vae as mvae
-from minisd.diffusers_format import text_to_hf, unet_to_diffusers, vae_to_diffusers
+from minisd.diffusers_format import text_to_hf, unet_table, unet_to_diffusers, vae_table, vae_to_diffusers
 from minisd.keymap import load_strict
+from minisd.layouts import hf_table
+from minisd.tokenizer import EOT_TOKEN_ID, SOT_TOKEN_ID
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-SOT, EOT = 49406, 49407
+SOT, EOT = SOT_TOKEN_ID, EOT_TOKEN_ID
 FOURIER = 256  # SDXL's size/crop embeddings: 256 features per number (diffusers addition_time_embed_dim)
 
 
@@ -105,10 +107,10 @@ def hf_clip_config(cfg: mclip.TextConfig):
 def _table(kind: str, config: Any):
     """minisd's key table to the reference's layout (built once per config: it builds a meta model)."""
     if kind == "unet":
-        return munet.diffusers_table(config)
+        return unet_table(config)
     if kind.startswith("vae"):
-        return mvae.diffusers_table(config)
-    return mclip.hf_table(config)
+        return vae_table(config)
+    return hf_table(config)
 
 
 def build_theirs(spec: Spec, ours_sd: dict[str, torch.Tensor], device: str | torch.device) -> nn.Module:

@@ -67,7 +67,6 @@ from common import (  # noqa: E402
     rel_err,
     time_runs,
 )
-
 from minisd.clip import CLIP_VIT_L14, TextConfig  # noqa: E402
 from minisd.unet import SD1_UNET, SDXL_BASE_UNET, UNetConfig  # noqa: E402
 from minisd.vae import SD_VAE, VAEConfig  # noqa: E402

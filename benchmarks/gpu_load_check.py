@@ -18,9 +18,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_load import write_checkpoint  # noqa: E402
-
 import minisd  # noqa: E402
+from bench_load import write_checkpoint  # noqa: E402
 
 
 def main() -> None:
@@ -39,7 +38,7 @@ def main() -> None:
     devices = {str(q.device) for m in (sd.unet, sd.vae, *sd.text_encoders) for q in m.parameters()}
     print(f"file {size / 2**30:.2f} GiB; load {load_s:.2f} s; host peak RSS grew {(rss1 - rss0) / 2**30:.2f} GiB; "
           f"CUDA allocated {torch.cuda.memory_allocated() / 2**30:.2f} GiB; parameter devices {devices}; "
-          f"family {sd.family}, unet {sd.dtype}, vae {sd.vae.dtype}")
+          f"family {sd.family.name}, unet {sd.dtype}, vae {sd.vae.dtype}")
     for steps in (2, 20):
         torch.cuda.synchronize()
         t = time.perf_counter()

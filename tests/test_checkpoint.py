@@ -24,10 +24,11 @@ import torch
 from diffusers.loaders.single_file_utils import infer_diffusers_model_type
 
 import minisd
-from minisd.checkpoint import _build, official_tables
+from minisd.checkpoint import build
 from minisd.detection import TensorInfo, detect_keys, probe_prediction_type
 from minisd.families import FAMILIES, UNET_PREFIX
 from minisd.keymap import CheckpointError
+from minisd.layouts import official_tables
 from minisd.schedules import ddpm_alphas_cumprod
 from tests.test_unet import run_ours, run_theirs
 from tests.tiny import diffusers_unet, diffusers_vae, official_checkpoint, tiny_config
@@ -92,7 +93,7 @@ def test_load_matches_references(family, tmp_path):
     meta = {"modelspec.prediction_type": "epsilon"} if family == "sd2" else None
     path = write(ckpt.tensors, tmp_path / "model.safetensors", meta)
     sd = minisd.load(path, config=tiny_config(family))
-    assert sd.family == family and sd.prediction_type == "epsilon"
+    assert sd.family.name == family and sd.prediction_type == "epsilon"
     assert sd.scale_factor == FAMILIES[family].vae.scale_factor
     assert all(p.dtype == torch.float32 for p in sd.unet.parameters())  # cast once, at load time
     check_against_references(sd, ckpt)
@@ -145,7 +146,10 @@ def test_legacy_sd1_text_layout_without_text_model_level(tmp_path):
     # SD1 files written with transformers 3.x lack the `text_model.` level.
     ckpt = official_checkpoint("sd1")
     pre = "cond_stage_model.transformer.text_model."
-    t = {("cond_stage_model.transformer." + k[len(pre):]) if k.startswith(pre) else k: v for k, v in ckpt.tensors.items()}
+    t = {
+        ("cond_stage_model.transformer." + k[len(pre):]) if k.startswith(pre) else k: v
+        for k, v in ckpt.tensors.items()
+    }
     sd = minisd.load(write(t, tmp_path / "old.safetensors"), config=tiny_config("sd1"))
     check_against_references(sd, ckpt)
 
@@ -180,20 +184,22 @@ def test_sd2_prediction_from_metadata(tmp_path):
     ckpt = official_checkpoint("sd2")
     path = write(ckpt.tensors, tmp_path / "v.safetensors", {"modelspec.architecture": "stable-diffusion-v2-768-v"})
     d = minisd.detect(path)
-    assert (d.family, d.prediction_type) == ("sd2-v", "v_prediction") and "modelspec.architecture" in d.prediction_reason
+    assert (d.family.name, d.prediction_type) == ("sd2-v", "v_prediction")
+    assert "modelspec.architecture" in d.prediction_reason
     sd = minisd.load(path, config=tiny_config("sd2"))
-    assert (sd.family, sd.prediction_type) == ("sd2-v", "v_prediction")
+    assert (sd.family.name, sd.prediction_type) == ("sd2-v", "v_prediction")
     # an explicit override wins, and is recorded
     sd = minisd.load(path, config=tiny_config("sd2"), prediction_type="epsilon")
-    assert (sd.family, sd.prediction_type) == ("sd2", "epsilon") and "caller" in sd.prediction_reason
+    assert (sd.family.name, sd.prediction_type) == ("sd2", "epsilon") and "caller" in sd.prediction_reason
 
 
 def test_sd2_without_metadata_runs_the_probe(tmp_path):
     path = write(official_checkpoint("sd2").tensors, tmp_path / "plain.safetensors")
     d = minisd.detect(path)
-    assert d.family == "sd2" and d.prediction_type is None and "identical keys" in d.prediction_reason
+    assert d.family.name == "sd2" and d.prediction_type is None and "identical keys" in d.prediction_reason
     sd = minisd.load(path, config=tiny_config("sd2"))
-    assert sd.prediction_reason.startswith("probe:") and sd.family == {"epsilon": "sd2", "v_prediction": "sd2-v"}[sd.prediction_type]
+    assert sd.prediction_reason.startswith("probe:")
+    assert sd.family.name == {"epsilon": "sd2", "v_prediction": "sd2-v"}[sd.prediction_type]
 
 
 class _AnalyticUNet(torch.nn.Module):
@@ -236,14 +242,14 @@ def test_official_round_trip(family, tmp_path):
     with pytest.raises(FileExistsError):
         minisd.save(sd, out)  # nothing the user owns is overwritten
     again = minisd.load(out, config=tiny_config(family))
-    assert again.family == sd.family and again.prediction_type == sd.prediction_type
+    assert again.family.name == sd.family.name and again.prediction_type == sd.prediction_type
 
 
 # ------------------------------------------------------------------------------ full size on meta
 def full_size_keys(family: str) -> dict[str, TensorInfo]:
     """The key/shape set of a full-size official file of `family`, built on the meta device."""
     spec = FAMILIES[family]
-    unet, vae, encoders = _build(spec)
+    unet, vae, encoders = build(spec)
     theirs = {}
     for table, module in zip(official_tables(spec, set(), use_ema=False).values(), [unet, vae, *encoders]):
         theirs.update(table.to_theirs(module.state_dict()))
@@ -258,7 +264,7 @@ _DIFFUSERS_NAMES = {"sd1": "v1", "sd2": "v2", "sdxl": "xl_base", "sdxl-refiner":
 def test_full_size_detection_and_tables_cover_the_layout(family):
     keys = full_size_keys(family)
     detected = detect_keys(keys, {}, "full-size")
-    assert detected.family == family
+    assert detected.family.name == family
     # diffusers' own detector agrees on these key sets
     stand_in = {k: torch.empty(v.shape, device="meta") for k, v in keys.items()}
     assert infer_diffusers_model_type(stand_in) == _DIFFUSERS_NAMES[family]
@@ -403,7 +409,8 @@ def test_tensors_sharing_storage(tmp_path):
     ckpt = official_checkpoint("sd1")
     tensors = dict(ckpt.tensors)
     for k in [k for k in tensors if k.startswith(UNET_PREFIX)]:
-        tensors["model_ema." + ("diffusion_model." + k[len(UNET_PREFIX):]).replace(".", "")] = tensors[k].view(tensors[k].shape)
+        ema_key = "model_ema." + ("diffusion_model." + k[len(UNET_PREFIX):]).replace(".", "")
+        tensors[ema_key] = tensors[k].view(tensors[k].shape)
     path = tmp_path / "shared.ckpt"
     torch.save({"state_dict": tensors}, path)
     sd = minisd.load(path, config=tiny_config("sd1"), allow_pickle=True, use_ema=True)
@@ -411,4 +418,4 @@ def test_tensors_sharing_storage(tmp_path):
     assert len(ptrs) == len(set(ptrs))
     check_against_references(sd, ckpt)  # the EMA copy holds the same values as the regular weights here
     minisd.save(sd, tmp_path / "out.safetensors")
-    assert minisd.detect(tmp_path / "out.safetensors").family == "sd1"
+    assert minisd.detect(tmp_path / "out.safetensors").family.name == "sd1"

@@ -12,7 +12,6 @@ from PIL import Image
 import minisd
 from minisd import cli, detection
 from minisd.checkpoint import apply_config
-from minisd.families import family_spec
 from tests.tiny import official_checkpoint, tiny_config
 
 
@@ -42,7 +41,9 @@ def test_info_reports_family_evidence_counts_and_ignored(tmp_path, capsys, monke
     # with the tiny architecture as "the preset" and the file's hash as "official", info says so
     digest = detection.sha256(path)
     monkeypatch.setitem(detection.KNOWN_SHA256, digest, ("sd_xl_base_1.0.safetensors", "sdxl"))
-    monkeypatch.setattr(cli, "family_spec", lambda name: apply_config(family_spec(name), tiny_config(name)))
+    detected = cli.detect(path)
+    tiny = dataclasses.replace(detected, family=apply_config(detected.family, tiny_config("sdxl")))
+    monkeypatch.setattr(cli, "detect", lambda p: tiny)
     cli.main(["info", str(path)])
     out = capsys.readouterr().out
     assert "the official sdxl preset, key for key" in out and "= official sd_xl_base_1.0.safetensors" in out
@@ -52,7 +53,7 @@ def test_sd2_prediction_from_a_known_hash(tmp_path, monkeypatch):
     path = tiny_file(tmp_path, "sd2")
     monkeypatch.setitem(detection.KNOWN_SHA256, detection.sha256(path), ("v2-1_768-ema-pruned.safetensors", "sd2-v"))
     sd = minisd.load(path, config=tiny_config("sd2"))
-    assert (sd.family, sd.prediction_type) == ("sd2-v", "v_prediction")
+    assert (sd.family.name, sd.prediction_type) == ("sd2-v", "v_prediction")
     assert sd.prediction_reason == "SHA-256 of the official v2-1_768-ema-pruned.safetensors"
 
 
@@ -64,7 +65,7 @@ def test_convert_ckpt_needs_allow_pickle(tmp_path, capsys):
     assert cli.main(["convert", str(ckpt), str(out), "--config", str(cfg)]) == 2
     assert "refuses them by default" in capsys.readouterr().err and not out.exists()
     assert cli.main(["convert", str(ckpt), str(out), "--config", str(cfg), "--allow-pickle"]) == 0
-    assert minisd.detect(out).family == "sd1"
+    assert minisd.detect(out).family.name == "sd1"
     assert cli.main(["convert", str(ckpt), str(out), "--config", str(cfg), "--allow-pickle"]) == 2  # exists
     assert "exists" in capsys.readouterr().err
 

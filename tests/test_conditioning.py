@@ -23,14 +23,19 @@ import pytest
 import torch
 from diffusers.models.embeddings import Timesteps
 
-from minisd.clip import TextConfig, hf_table, open_clip_table
+from minisd.clip import TextConfig
 from minisd.conditioning import encode_prompt, refiner_vector, sdxl_vector
+from minisd.families import family_spec
+from minisd.layouts import hf_table, open_clip_table
 from minisd.tokenizer import CLIPTokenizer
 from tests.test_clip import build_ours, on_disk, tiny_hf, tiny_open_clip
 from tests.utils import assert_rel_close
 
 REL = 1e-5
-PROMPTS = ["a photograph of an astronaut riding a horse", "", "Ünïcode &amp; emoji 🐱 " * 12 + "far beyond 77 tokens " * 10]
+PROMPTS = [
+    "a photograph of an astronaut riding a horse", "",
+    "Ünïcode &amp; emoji 🐱 " * 12 + "far beyond 77 tokens " * 10,
+]
 
 # The tiny models of tests/test_clip.py: width 32, 4 heads, 3 blocks, MLP 48.
 TINY_L = TextConfig(width=32, heads=4, layers=3, mlp_width=48, act="quick_gelu", projection_dim=None)
@@ -73,7 +78,7 @@ def open_clip_blocks(model, ids: torch.Tensor, n: int) -> torch.Tensor:
 def test_sd1_context(clip_l):
     ref, ours = clip_l
     expected = ref(ref_ids(PROMPTS, 49407)).last_hidden_state
-    cond = encode_prompt(PROMPTS, "sd1", [ours], CLIPTokenizer())
+    cond = encode_prompt(PROMPTS, family_spec("sd1"), [ours], CLIPTokenizer())
     assert cond.pooled is None
     assert_rel_close(cond.context, expected, REL, "SD1 context")
 
@@ -85,7 +90,7 @@ def test_sd1_clip_skip_matches_diffusers_convention(clip_l):
     out = ref(ref_ids(PROMPTS, 49407), output_hidden_states=True)
     final_ln = ref.text_model.final_layer_norm if hasattr(ref, "text_model") else ref.final_layer_norm
     expected = final_ln(out.hidden_states[-2])
-    cond = encode_prompt(PROMPTS, "sd1", [ours], clip_skip=1)
+    cond = encode_prompt(PROMPTS, family_spec("sd1"), [ours], clip_skip=1)
     assert_rel_close(cond.context, expected, REL, "SD1 clip_skip=1")
     assert (cond.context - out.last_hidden_state).abs().max() > 1e-2  # it did read another layer
 
@@ -95,11 +100,11 @@ def test_sd2_context(open_g):
     ref, ours = open_g
     ids = ref_ids(PROMPTS, 0)
     expected = ref.ln_final(open_clip_blocks(ref, ids, TINY_G.layers - 1))
-    cond = encode_prompt(PROMPTS, "sd2", [ours])
+    cond = encode_prompt(PROMPTS, family_spec("sd2"), [ours])
     assert_rel_close(cond.context, expected, REL, "SD2 context")
     # v-prediction and inpainting variants condition exactly like SD2
     for family in ("sd2-v", "sd2-inpaint"):
-        assert torch.equal(encode_prompt(PROMPTS, family, [ours]).context, cond.context)
+        assert torch.equal(encode_prompt(PROMPTS, family_spec(family), [ours]).context, cond.context)
 
 
 @torch.no_grad()
@@ -109,22 +114,22 @@ def test_sdxl_context_and_pooled(clip_l, open_g):
     ids_g = ref_ids(PROMPTS, 0)
     hidden_g = open_clip_blocks(ref_g, ids_g, TINY_G.layers - 1)
     pooled = ref_g.encode_text(ids_g, normalize=False)
-    cond = encode_prompt(PROMPTS, "sdxl", [ours_l, ours_g])
+    cond = encode_prompt(PROMPTS, family_spec("sdxl"), [ours_l, ours_g])
     assert cond.context.shape == (3, 77, 32 + 32)
     assert_rel_close(cond.context, torch.cat([hidden_l, hidden_g], dim=-1), REL, "SDXL context")
     assert_rel_close(cond.pooled, pooled, REL, "SDXL pooled")
 
-    refiner = encode_prompt(PROMPTS, "sdxl-refiner", [ours_g])
+    refiner = encode_prompt(PROMPTS, family_spec("sdxl-refiner"), [ours_g])
     assert_rel_close(refiner.context, hidden_g, REL, "refiner context")
     assert_rel_close(refiner.pooled, pooled, REL, "refiner pooled")
 
 
 @torch.no_grad()
 def test_zero_empty_prompt(clip_l, open_g):
-    cond = encode_prompt(["a cat", ""], "sdxl", [clip_l[1], open_g[1]], zero_empty=True)
+    cond = encode_prompt(["a cat", ""], family_spec("sdxl"), [clip_l[1], open_g[1]], zero_empty=True)
     assert cond.context[1].abs().max() == 0 and cond.pooled[1].abs().max() == 0
     assert cond.context[0].abs().max() > 0 and cond.pooled[0].abs().max() > 0
-    plain = encode_prompt(["a cat", ""], "sdxl", [clip_l[1], open_g[1]])
+    plain = encode_prompt(["a cat", ""], family_spec("sdxl"), [clip_l[1], open_g[1]])
     assert plain.context[1].abs().max() > 0  # without the option, "" is encoded
 
 
@@ -163,10 +168,10 @@ def test_vector_formula_is_cos_then_sin():
 
 def test_bad_inputs(clip_l):
     with pytest.raises(ValueError, match="unknown family 'sd3'"):
-        encode_prompt("x", "sd3", [clip_l[1]])
+        encode_prompt("x", family_spec("sd3"), [clip_l[1]])
     with pytest.raises(ValueError, match="needs 2 text encoder"):
-        encode_prompt("x", "sdxl", [clip_l[1]])
+        encode_prompt("x", family_spec("sdxl"), [clip_l[1]])
     with pytest.raises(ValueError, match="clip_skip"):
-        encode_prompt("x", "sd1", [clip_l[1]], clip_skip=7)
+        encode_prompt("x", family_spec("sd1"), [clip_l[1]], clip_skip=7)
     with pytest.raises(ValueError, match="original_size"):
         sdxl_vector(torch.zeros(1, 1280), (1024,), (0, 0), (1024, 1024))

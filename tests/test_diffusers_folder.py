@@ -88,7 +88,7 @@ def test_sd1_folder(tmp_path):
     )
     pipe.save_pretrained(tmp_path / "folder")
     d = minisd.detect(tmp_path / "folder")
-    assert (d.format, d.family, d.prediction_type) == ("diffusers", "sd1", "epsilon")
+    assert (d.format, d.family.name, d.prediction_type) == ("diffusers", "sd1", "epsilon")
     from_folder = minisd.load(tmp_path / "folder")
     assert from_folder.unet.config == ckpt.unet_config  # read from unet/config.json
     same_model(from_folder, minisd.load(file, config=tiny_config("sd1")))
@@ -108,7 +108,7 @@ def test_sdxl_folder_and_fp16_variant(tmp_path):
     )
     pipe.save_pretrained(tmp_path / "xl")
     from_folder = minisd.load(tmp_path / "xl")
-    assert from_folder.family == "sdxl"
+    assert from_folder.family.name == "sdxl"
     same_model(from_folder, minisd.load(file, config=tiny_config("sdxl")))
     context, _, pooled, _ = pipe.encode_prompt(PROMPTS, device="cpu", do_classifier_free_guidance=False)
     ours = from_folder.encode_prompt(PROMPTS)
@@ -123,7 +123,7 @@ def test_sdxl_folder_and_fp16_variant(tmp_path):
     key = "out.2.weight"
     assert torch.equal(half.unet.state_dict()[key], from_folder.unet.state_dict()[key].half())
     # without variant=, the only weights present (the fp16 ones) are found
-    assert minisd.load(tmp_path / "xl16").family == "sdxl"
+    assert minisd.load(tmp_path / "xl16").family.name == "sdxl"
 
 
 @torch.no_grad()
@@ -142,7 +142,7 @@ def test_sd2_v_folder_reads_the_last_of_its_blocks(tmp_path):
     )
     pipe.save_pretrained(tmp_path / "sd2v")
     sd = minisd.load(tmp_path / "sd2v")
-    assert (sd.family, sd.prediction_type) == ("sd2-v", "v_prediction")
+    assert (sd.family.name, sd.prediction_type) == ("sd2-v", "v_prediction")
     assert "scheduler_config.json" in sd.prediction_reason
     expected = pipe.encode_prompt(PROMPTS, "cpu", 1, False)[0]
     assert_rel_close(sd.encode_prompt(PROMPTS).context, expected, 1e-5, "SD2 context vs diffusers")
@@ -151,9 +151,11 @@ def test_sd2_v_folder_reads_the_last_of_its_blocks(tmp_path):
     out = minisd.save(sd, tmp_path / "sd2v.safetensors")
     assert "cond_stage_model.model.transformer.resblocks.3.ln_1.weight" in safetensors.torch.load_file(str(out))
     cfg = tiny_config("sd2")
-    cfg["text_encoders"] = [type(cfg["text_encoders"][0])(**{**cfg["text_encoders"][0].__dict__, "layers": 4, "projection_dim": 32})]
+    cfg["text_encoders"] = [
+        type(cfg["text_encoders"][0])(**{**cfg["text_encoders"][0].__dict__, "layers": 4, "projection_dim": 32})
+    ]
     official = minisd.load(out, config=cfg)
-    assert (official.family, official.prediction_type) == ("sd2-v", "v_prediction")  # from minisd's metadata
+    assert (official.family.name, official.prediction_type) == ("sd2-v", "v_prediction")  # from minisd's metadata
     same_model(sd, official)
 
 
@@ -196,7 +198,9 @@ def test_folder_errors(tmp_path):
 
 def test_sharded_component(tmp_path):
     # large components come in shards listed by `*.safetensors.index.json` (transformers/diffusers)
-    sd = minisd.load(save_file(official_checkpoint("sd1").tensors, tmp_path / "sd1.safetensors"), config=tiny_config("sd1"))
+    sd = minisd.load(
+        save_file(official_checkpoint("sd1").tensors, tmp_path / "sd1.safetensors"), config=tiny_config("sd1")
+    )
     minisd.save(sd, tmp_path / "f", format="diffusers")
     whole = tmp_path / "f" / "unet" / "diffusion_pytorch_model.safetensors"
     tensors = safetensors.torch.load_file(str(whole))

@@ -20,13 +20,12 @@ from diffusers import AutoencoderKL as DiffusersVAE
 from diffusers import UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from minisd.clip import CLIP_VIT_L14, OPENCLIP_VIT_BIGG14, TextTransformer, hf_table
-from minisd.diffusers_format import text_to_hf, unet_to_diffusers, vae_to_diffusers
+from minisd.clip import CLIP_VIT_L14, OPENCLIP_VIT_BIGG14, TextTransformer
+from minisd.diffusers_format import text_to_hf, unet_table, unet_to_diffusers, vae_table, vae_to_diffusers
 from minisd.keymap import load_strict
+from minisd.layouts import hf_table
 from minisd.unet import SD1_UNET, SD2_UNET, SDXL_BASE_UNET, SDXL_REFINER_UNET, UNetModel
-from minisd.unet import diffusers_table as unet_table
 from minisd.vae import SD_VAE, AutoencoderKL
-from minisd.vae import diffusers_table as vae_table
 from tests.test_clip import on_disk
 from tests.utils import assert_rel_close
 

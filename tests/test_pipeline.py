@@ -3,7 +3,7 @@
 Each model is built once as diffusers components (UNet2DConditionModel, AutoencoderKL,
 transformers CLIPTextModel(WithProjection), CLIPTokenizer from our BPE file) with seeded
 random weights, and mapped into a `StableDiffusion` through minisd's key tables
-(`unet.diffusers_table`, `vae.diffusers_table`, `clip.hf_table`). Both sides then run the
+(`diffusers_format.unet_table`, `diffusers_format.vae_table`, `layouts.hf_table`). Both sides then run the
 same request, and the outputs are compared:
 
 - images: PIL outputs as uint8 arrays, max difference <= 1 level (1/255). The two
@@ -30,7 +30,7 @@ SD2-v-like (gelu encoder read by its last layer + final LN, as diffusers' 23-blo
 folders are, pad token 0; linear transformers, head width 16), SDXL base (CLIP-L 768 +
 bigG 1280 wide = the real 2048-wide context, two blocks each; y = pooled 32 + 6 x 256)
 and refiner (the same bigG; context 1280, y = 32 + 5 x 256). The widths 2048 and 1280
-are what diffusers' converter (and so `unet.diffusers_table`) knows as SDXL's.
+are what diffusers' converter (and so `diffusers_format.unet_table`) knows as SDXL's.
 """
 
 from __future__ import annotations
@@ -47,6 +47,8 @@ import pytest
 import torch
 from diffusers import (
     AutoencoderKL as DiffusersVAE,
+)
+from diffusers import (
     DDIMScheduler,
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
@@ -63,9 +65,13 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 from transformers import CLIPTokenizer as HFCLIPTokenizer
 
 from minisd import clip, unet, vae
-from minisd.families import FAMILIES, TextEncoderUse
+from minisd.conditioning import MicroConditioning
+from minisd.diffusers_format import unet_table, vae_table
+from minisd.families import FAMILIES, TextEncoderUse, with_prediction
 from minisd.keymap import load_strict
-from minisd.pipeline import StableDiffusion
+from minisd.layouts import hf_table
+from minisd.model import StableDiffusion
+from minisd.pipeline import Noise, Prompt, Sampling, txt2img
 from minisd.schedules import DiscreteSchedule, from_variance_preserving
 from minisd.tokenizer import CLIPTokenizer
 from tests.test_clip import on_disk
@@ -144,7 +150,7 @@ def tiny_text(width: int, act: str, eos: int, seed: int, projection: bool = Fals
     config = clip.TextConfig.from_hf_config(cfg.to_dict(), projection=projection)
     with torch.device("meta"):
         ours = clip.TextTransformer(config)
-    load_strict(ours, clip.hf_table(config).to_ours(on_disk(theirs.state_dict(), theirs)), source="tiny HF CLIP")
+    load_strict(ours, hf_table(config).to_ours(on_disk(theirs.state_dict(), theirs)), source="tiny HF CLIP")
     return theirs, ours.eval()
 
 
@@ -153,7 +159,7 @@ def tiny_unet(cfg: unet.UNetConfig, seed: int):
         ours = unet.UNetModel(cfg)
     theirs = UNet2DConditionModel(**diffusers_config(cfg, {PREFIX + k: v for k, v in ours.state_dict().items()})).eval()
     randomize(theirs, seed)
-    load_strict(ours, unet.diffusers_table(cfg).to_ours(theirs.state_dict()), source="tiny diffusers UNet")
+    load_strict(ours, unet_table(cfg).to_ours(theirs.state_dict()), source="tiny diffusers UNet")
     return theirs, ours.eval()
 
 
@@ -163,17 +169,15 @@ def tiny_vae(scale_factor: float, seed: int):
     randomize(theirs, seed)
     with torch.device("meta"):
         ours = vae.AutoencoderKL(cfg)
-    load_strict(ours, vae.diffusers_table(cfg).to_ours(theirs.state_dict()), source="tiny diffusers VAE")
+    load_strict(ours, vae_table(cfg).to_ours(theirs.state_dict()), source="tiny diffusers VAE")
     return theirs, ours.eval()
 
 
 def minisd_model(family: str, u, v, encoders, uses, prediction_type=None) -> StableDiffusion:
-    spec = FAMILIES[family]
-    text = tuple(dataclasses.replace(t, config=e.config) for t, e in zip(spec.text, encoders))
-    spec = dataclasses.replace(spec, unet=u.config, vae=v.config, text=text)
+    spec = FAMILIES[family].with_architecture(u.config, v.config, tuple(e.config for e in encoders))
+    spec = with_prediction(spec, prediction_type or spec.prediction_type)
     return StableDiffusion(
-        family=family, spec=spec, unet=u, vae=v, text_encoders=list(encoders), text_uses=list(uses),
-        tokenizer=CLIPTokenizer(), prediction_type=prediction_type or spec.prediction_type,
+        family=spec, unet=u, vae=v, text_encoders=list(encoders), text_uses=list(uses), tokenizer=CLIPTokenizer(),
     )  # fmt: skip
 
 
@@ -202,7 +206,7 @@ def models(tmp_path_factory):
     # SD1: CLIP-L-like encoder (quick_gelu, SD1's legacy eos_token_id 2), last layer + final LN.
     te_t, te_o = tiny_text(32, "quick_gelu", 2, seed=1)
     vae_t, vae_o = tiny_vae(0.18215, seed=2)
-    sd1_use = FAMILIES["sd1"].text[0].use
+    sd1_use = FAMILIES["sd1"].text[0].use(te_o.config.layers)
     for family, cfg, seed in (("sd1", SD1_UNET, 3), ("sd1-inpaint", dataclasses.replace(SD1_UNET, in_channels=9), 4)):
         u_t, u_o = tiny_unet(cfg, seed)
         parts = dict(vae=vae_t, text_encoder=te_t, tokenizer=tok_sd1, unet=u_t)
@@ -212,7 +216,7 @@ def models(tmp_path_factory):
     # (families.TextEncoderSpec.diffusers_drops_last).
     te2_t, te2_o = tiny_text(32, "gelu", 2, seed=5)
     u_t, u_o = tiny_unet(SD2_UNET, 6)
-    use = TextEncoderUse(skip=0, final_ln=True, pad_token_id=0)
+    use = TextEncoderUse(layer=te2_o.config.layers, final_ln=True, pad_token_id=0)
     parts = dict(vae=vae_t, text_encoder=te2_t, tokenizer=tok_pad0, unet=u_t)
     out["sd2-v"] = (minisd_model("sd2-v", u_o, vae_o, [te2_o], [use]), parts)
 
@@ -221,11 +225,11 @@ def models(tmp_path_factory):
     g_t, g_o = tiny_text(1280, "gelu", 49407, seed=8, projection=True)
     xvae_t, xvae_o = tiny_vae(0.13025, seed=9)
     u_t, u_o = tiny_unet(XL_BASE_UNET, 10)
-    uses = [t.use for t in FAMILIES["sdxl"].text]
+    uses = [t.use(e.config.layers) for t, e in zip(FAMILIES["sdxl"].text, (l_o, g_o))]
     parts = dict(vae=xvae_t, text_encoder=l_t, text_encoder_2=g_t, tokenizer=tok_sd1, tokenizer_2=tok_pad0, unet=u_t)
     out["sdxl"] = (minisd_model("sdxl", u_o, xvae_o, [l_o, g_o], uses), parts)
     u_t, u_o = tiny_unet(XL_REFINER_UNET, 11)
-    uses = [t.use for t in FAMILIES["sdxl-refiner"].text]
+    uses = [t.use(e.config.layers) for t, e in zip(FAMILIES["sdxl-refiner"].text, (g_o,))]
     parts = dict(vae=xvae_t, text_encoder=None, text_encoder_2=g_t, tokenizer=None, tokenizer_2=tok_pad0, unet=u_t)
     out["sdxl-refiner"] = (minisd_model("sdxl-refiner", u_o, xvae_o, [g_o], uses), parts)
     return out
@@ -511,6 +515,23 @@ def test_callback_sees_every_step_and_can_stop(models):
     assert len(stopped) == 2
     # A stopped run returns that step's clean estimate (sigma = 0: VP = VE).
     assert torch.equal(early, stopped[-1]) and not torch.allclose(early, full)
+
+
+def test_a_pipeline_result_says_where_the_callback_stopped(models):
+    # The pipelines return `Sampled`: a run the callback cancels says at which step, one that
+    # runs to the end says it was not stopped; `generate` returns the same latents.
+    sd, _ = models["sd1"]
+    prompt = Prompt((PROMPT,), ("",), MicroConditioning((SIZE, SIZE), (SIZE, SIZE)), guidance_scale=7.5)
+    sampling = Sampling(steps=STEPS)
+
+    def run(callback):
+        return txt2img(sd, prompt, sampling, Noise(torch.Generator().manual_seed(3)), (SIZE, SIZE), callback)
+
+    full = run(None)
+    assert full.stopped_at is None
+    early = run(lambda info: info["i"] < 2)
+    assert early.stopped_at == 2 and not torch.allclose(early.latents, full.latents)
+    assert torch.equal(full.latents, sd.generate(PROMPT, width=SIZE, height=SIZE, steps=STEPS, seed=3, output="latent"))
 
 
 def test_unet_runs_in_its_own_dtype(models):

@@ -18,13 +18,25 @@ DPM++ SDE takes its noise from diffusers' torchsde Brownian tree (`diffusers_tre
 
 from __future__ import annotations
 
+import inspect
 import math
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+from diffusers import (
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    DPMSolverSDEScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    HeunDiscreteScheduler,
+    LMSDiscreteScheduler,
+)
+from diffusers.schedulers.scheduling_dpmsolver_sde import BrownianTreeNoiseSampler
 
+from minisd import compat
 from minisd.denoisers import DiscreteDenoiser, cfg_denoiser, denoiser_scalings, rescale_guidance
 from minisd.samplers import (
     SAMPLER_NAMES,
@@ -41,6 +53,8 @@ from minisd.samplers import (
     sample_lms,
 )
 from minisd.schedules import (
+    SPACINGS,
+    TIMESTEP_RULES,
     DiscreteSchedule,
     ddpm_alphas_cumprod,
     discrete_sigmas,
@@ -57,17 +71,6 @@ from minisd.schedules import (
     to_variance_preserving,
 )
 from tests.utils import assert_rel_close
-
-from diffusers import (
-    DDIMScheduler,
-    DPMSolverMultistepScheduler,
-    DPMSolverSDEScheduler,
-    EulerAncestralDiscreteScheduler,
-    EulerDiscreteScheduler,
-    HeunDiscreteScheduler,
-    LMSDiscreteScheduler,
-)
-from diffusers.schedulers.scheduling_dpmsolver_sde import BrownianTreeNoiseSampler
 
 # The official SD scheduler config (SD1.x PNDM / SD2.x DDIM / SDXL Euler
 # scheduler_config.json and diffusers' single-file SCHEDULER_DEFAULT_CONFIG); each
@@ -498,13 +501,13 @@ def test_discrete_schedules_match_diffusers(spacing, steps):
         scheduler.set_timesteps(steps)
     schedule = DiscreteSchedule.from_alphas_cumprod(euler.alphas_cumprod)
 
-    for family, scheduler in (("euler", euler), ("ddim", ddim), ("dpm_solver", dpm)):
-        t = discrete_timesteps(steps, spacing, family=family)
-        assert torch.equal(t, scheduler.timesteps.double()), f"{family} timesteps"
-    for family, scheduler in (("euler", euler), ("dpm_solver", dpm)):
-        sigmas = discrete_sigmas(schedule, steps, spacing, family=family)
+    for rule, scheduler in (("euler", euler), ("ddim", ddim), ("dpm_solver", dpm)):
+        t = discrete_timesteps(steps, spacing, rule=rule)
+        assert torch.equal(t, scheduler.timesteps.double()), f"{rule} timesteps"
+    for rule, scheduler in (("euler", euler), ("dpm_solver", dpm)):
+        sigmas = discrete_sigmas(schedule, steps, spacing, rule=rule)
         assert sigmas.dtype == torch.float32 and sigmas[-1] == 0
-        fractional = family == "euler" and spacing == "linspace"
+        fractional = rule == "euler" and spacing == "linspace"
         # Integer timesteps: a table lookup on both sides, equal to fp32 round-off.
         # Fractional ones: linear (diffusers) vs log-sigma (minisd) interpolation, < 1e-4.
         np.testing.assert_allclose(sigmas.numpy(), scheduler.sigmas.numpy(), rtol=1e-4 if fractional else 1e-6)
@@ -540,6 +543,60 @@ def test_init_noise_sigma_matches_diffusers():
     plan = plan_sampler("dpmpp_2m", schedule, STEPS)
     noise = initial_noise()
     assert_rel_close(to_variance_preserving(noise * plan.init_noise_sigma, float(plan.sigmas[0])), noise, 1e-6)
+
+
+# The diffusers scheduler (and extra config) behind each base sampler name.
+DIFFUSERS_SCHEDULERS = {
+    "ddim": (DDIMScheduler, {}),
+    "euler": (EulerDiscreteScheduler, {}),
+    "euler_a": (EulerAncestralDiscreteScheduler, {}),
+    "heun": (HeunDiscreteScheduler, {}),
+    "lms": (LMSDiscreteScheduler, {}),
+    "dpmpp_2m": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    "dpmpp_2m_sde": (DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}),
+    "dpmpp_sde": (DPMSolverSDEScheduler, {}),
+}
+
+
+def split_name(name: str) -> tuple[str, str]:
+    """The base sampler and sigma schedule of a name: euler_karras -> ("euler", "karras")."""
+    for kind in ("karras", "exponential"):
+        if name.endswith("_" + kind):
+            return name[: -len(kind) - 1], kind
+    return name, "discrete"
+
+
+@pytest.mark.parametrize("spacing", SPACINGS)
+def test_compat_rules_match_diffusers(spacing):
+    # compat's start and end rules, per timestep rule and spacing, against each diffusers
+    # scheduler's own `init_noise_sigma` and last step. diffusers' DDIM / DPM-Solver
+    # hold VP latents, so their start noise * init_noise_sigma is, in VE form,
+    # noise * init_noise_sigma * sqrt(sigma_0^2 + 1) with sigma_0 at their first timestep.
+    for name in SAMPLER_NAMES:
+        base, kind = split_name(name)
+        rule = SAMPLERS[base].timestep_rule
+        cls, extra = DIFFUSERS_SCHEDULERS[base]
+        if kind != "discrete":
+            extra = {**extra, f"use_{kind}_sigmas": True}
+        scheduler = make_scheduler(cls, "epsilon", timestep_spacing=spacing, **extra)
+        scheduler.set_timesteps(STEPS)
+        schedule = DiscreteSchedule.from_alphas_cumprod(scheduler.alphas_cumprod)
+        plan = plan_sampler(name, schedule, STEPS, spacing=spacing)
+        theirs = float(scheduler.init_noise_sigma)
+        if cls is DDIMScheduler:
+            alphabar = float(scheduler.alphas_cumprod[int(scheduler.timesteps[0])])
+            theirs *= math.sqrt(1 / alphabar)  # sqrt(sigma_0^2 + 1)
+            # set_alpha_to_one=False: DDIM's last step lands on alphabar_0, i.e. sigma(t=0).
+            assert scheduler.final_alpha_cumprod == scheduler.alphas_cumprod[0]
+            expected_final = "sigma_min"
+        else:
+            if cls is DPMSolverMultistepScheduler:
+                theirs *= math.sqrt(float(scheduler.sigmas[0]) ** 2 + 1)
+            expected_final = "zero" if scheduler.sigmas[-1] == 0 else "sigma_min"
+        label = f"{name}/{spacing}"
+        assert compat.init_noise_sigma(plan.sigmas, rule, spacing) == pytest.approx(theirs, rel=2e-5), label
+        assert plan.init_noise_sigma == compat.init_noise_sigma(plan.sigmas, rule, spacing), label
+        assert compat.final_sigma(rule) == expected_final, label
 
 
 # ----------------------------------------------------------------------------------
@@ -857,7 +914,8 @@ def test_callback_and_cancel():
     schedule = DiscreteSchedule.scaled_linear()
     sigmas = discrete_sigmas(schedule, 8)
     x = gaussian_start(float(sigmas[0]))
-    for name, sampler in SAMPLERS.items():
+    for name, spec in SAMPLERS.items():
+        sampler = spec.fn
         seen = []
 
         def stop_at_three(info):
@@ -917,6 +975,51 @@ def test_variance_preserving_round_trip():
     assert init_noise_sigma(torch.tensor([3.0, 0.0]), variance_preserving=False) == 3.0
 
 
+def test_sampler_table_matches_functions():
+    # The table declares each function's keyword options; guard it against drifting.
+    assert SAMPLER_NAMES == (
+        "ddim", "euler", "euler_karras", "euler_exponential", "euler_a", "heun", "heun_karras",
+        "heun_exponential", "lms", "lms_karras", "lms_exponential", "dpmpp_2m", "dpmpp_2m_karras",
+        "dpmpp_2m_sde", "dpmpp_2m_sde_karras", "dpmpp_sde", "dpmpp_sde_karras", "dpmpp_sde_exponential",
+    )  # fmt: skip
+    for name, spec in SAMPLERS.items():
+        params = inspect.signature(spec.fn).parameters
+        assert list(params)[:3] == ["denoiser", "x", "sigmas"], name
+        keywords = {p.name for p in params.values() if p.kind is inspect.Parameter.KEYWORD_ONLY}
+        assert keywords >= {"generator", "callback"}, name
+        assert sorted(spec.options) == sorted(keywords - {"generator", "callback"}), name
+        assert len(params) == 3 + len(keywords), f"{name}: every option is keyword-only"
+        assert spec.timestep_rule in TIMESTEP_RULES and spec.sigma_schedules[0] == "discrete", name
+
+
+def test_plan_options():
+    schedule = DiscreteSchedule.scaled_linear()
+    with_eta = [name for name in SAMPLER_NAMES if "eta" in SAMPLERS[split_name(name)[0]].options]
+    assert with_eta == ["ddim", "euler_a", "dpmpp_2m_sde", "dpmpp_2m_sde_karras", "dpmpp_sde", "dpmpp_sde_karras",
+                        "dpmpp_sde_exponential"]  # fmt: skip
+    for name in SAMPLER_NAMES:
+        assert plan_sampler(name, schedule, 8).options == {}
+        if name in with_eta:
+            assert plan_sampler(name, schedule, 8, eta=0.25).options == {"eta": 0.25}
+        else:
+            with pytest.raises(
+                ValueError, match=rf"eta: sampler '{name}' has no eta \(samplers with eta: ddim, euler_a, "
+            ):
+                plan_sampler(name, schedule, 8, eta=0.25)
+    with pytest.raises(ValueError, match=r"eta: expected a value in \[0, 1\], got 1.5"):
+        plan_sampler("euler_a", schedule, 8, eta=1.5)
+    # run() passes the options on: DDIM with eta 0.6 through the plan is sample_ddim(eta=0.6),
+    # and differs from the plan's default (eta 0).
+    plan = plan_sampler("ddim", schedule, 8, eta=0.6)
+    x = gaussian_start(float(plan.sigmas[0]))
+    seen = []
+    ours = plan.run(gaussian_denoiser, x, plan.sigmas, generator=torch.Generator().manual_seed(4), callback=seen.append)
+    direct = sample_ddim(gaussian_denoiser, x, plan.sigmas, eta=0.6, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(ours, direct) and [info["i"] for info in seen] == list(range(8))
+    default = plan_sampler("ddim", schedule, 8).run(gaussian_denoiser, x, plan.sigmas)
+    assert not torch.allclose(default, direct, rtol=0, atol=1e-3)
+
+
 def test_errors():
     schedule = DiscreteSchedule.scaled_linear()
     with pytest.raises(ValueError, match=r"steps: expected an integer >= 1, got 0"):
@@ -931,8 +1034,10 @@ def test_errors():
         plan_sampler("euler_a_karras", schedule, 20)  # diffusers has no such option
     with pytest.raises(ValueError, match=r"spacing: expected one of \('leading', 'linspace', 'trailing'\), got 'even'"):
         plan_sampler("euler", schedule, 20, spacing="even")
-    with pytest.raises(ValueError, match=r"family: expected one of"):
-        discrete_timesteps(20, family="pndm")
+    with pytest.raises(ValueError, match=r"rule: expected one of"):
+        discrete_timesteps(20, rule="pndm")
+    with pytest.raises(ValueError, match=r"rule: expected one of \('euler', 'ddim', 'dpm_solver'\), got 'pndm'"):
+        compat.final_sigma("pndm")
     with pytest.raises(ValueError, match=r"final_sigma: expected one of \('zero', 'sigma_min'\)"):
         discrete_sigmas(schedule, 20, final_sigma="one")
     with pytest.raises(ValueError, match=r"prediction_type: expected one of \('epsilon', 'v_prediction'\), got 'samp"):

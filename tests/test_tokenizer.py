@@ -66,7 +66,8 @@ HAND_WRITTEN = [
     "!!!", "???!!!...", "...", "--", "—", "a---b", "#hashtag @user", "C++ && C#", "<b>bold</b>", "</w>", "a</w>b",
     "~`!@#$%^&*()_+-={}[]|\\:;\"'<>,.?/", "\"quoted\"", "(((", "[[[[]]]]",
     # HTML entities that the original unescapes (and transformers does not)
-    "&amp;", "fish &amp; chips", "&lt;b&gt;bold&lt;/b&gt;", "rock &#39;n&#39; roll", "a&nbsp;b", "&amp;amp;", "&amp;lt;",
+    "&amp;", "fish &amp; chips", "&lt;b&gt;bold&lt;/b&gt;", "rock &#39;n&#39; roll", "a&nbsp;b", "&amp;amp;",
+    "&amp;lt;",
     "&copy; 2024", "&#x263A;", "&quot;hi&quot;", "&lt",
     # ftfy unescapes HTML itself unless the text has a "<": then only the two html.unescape do.
     "<p>&amp;amp;</p>", "<i>&amp;lt;b&amp;gt;</i>",
@@ -233,7 +234,9 @@ def test_default_context_length_and_pad_come_from_the_instance(oc):
     batch = tok("a photo of a cat")
     assert batch.input_ids.shape == (1, 20)
     assert torch.equal(batch.input_ids, oc(["a photo of a cat"], context_length=20))
-    assert torch.equal(tok("a cat", pad_token_id=EOT, context_length=5).input_ids, torch.tensor([[SOT, 320, 2368, EOT, EOT]]))
+    assert torch.equal(
+        tok("a cat", pad_token_id=EOT, context_length=5).input_ids, torch.tensor([[SOT, 320, 2368, EOT, EOT]])
+    )
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -244,7 +247,9 @@ def test_random_unicode_matches_open_clip(ours, oc, text):
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(text=st.text(alphabet=st.sampled_from(list("aAbeéΣσςſ'stdlmrv0123 \t\n&;#ampltgÃ©€™<>!?.,()[]:_😀\u200d\u0301"))))
+@given(
+    text=st.text(alphabet=st.sampled_from(list("aAbeéΣσςſ'stdlmrv0123 \t\n&;#ampltgÃ©€™<>!?.,()[]:_😀\u200d\u0301")))
+)
 def test_random_tricky_text_matches_open_clip(ours, oc, text):
     """A small alphabet that builds contractions, entities, mojibake and merges often."""
     assert ours.encode(text) == oc.encode(text)
@@ -321,7 +326,8 @@ def test_whitespace_cleaning_of_openai_and_open_clip_agree_after_ftfy():
 
 # --------------------------------------------------------------------------- decode
 PLAIN_PROMPTS = [
-    "a photo of a cat", "An Astronaut Riding A Horse", "  lots   of\tspaces\nhere ", "portrait of a woman by greg rutkowski",
+    "a photo of a cat", "An Astronaut Riding A Horse", "  lots   of\tspaces\nhere ",
+    "portrait of a woman by greg rutkowski",
 ]
 
 

@@ -28,6 +28,7 @@ from diffusers.models.embeddings import get_timestep_embedding
 from safetensors.torch import load_file, save_file
 
 import minisd.unet as unet_module
+from minisd.diffusers_format import unet_table
 from minisd.keymap import check_state_dict, load_strict
 from minisd.unet import (
     SD1_INPAINT_UNET,
@@ -38,7 +39,6 @@ from minisd.unet import (
     SDXL_REFINER_UNET,
     UNetConfig,
     UNetModel,
-    diffusers_table,
     timestep_embedding,
 )
 from tests.utils import assert_rel_close
@@ -253,7 +253,7 @@ def test_official_file_through_diffusers_converter(name, tmp_path):
     theirs.load_state_dict(converted, strict=True)
 
     # Our table, applied to our state dict, is exactly diffusers' converter.
-    mine = diffusers_table(cfg).to_theirs(ours.state_dict())
+    mine = unet_table(cfg).to_theirs(ours.state_dict())
     assert mine.keys() == converted.keys()
     for k in mine:
         assert torch.equal(mine[k], converted[k]), k
@@ -266,7 +266,7 @@ def test_official_file_through_diffusers_converter(name, tmp_path):
 
 @pytest.mark.parametrize("name", TINY)
 def test_diffusers_weights_through_table(name):
-    """A random diffusers UNet2DConditionModel loaded into minisd with `diffusers_table`."""
+    """A random diffusers UNet2DConditionModel loaded into minisd with `unet_table`."""
     cfg = TINY[name]
     with torch.device("meta"):
         ours = UNetModel(cfg)
@@ -274,7 +274,7 @@ def test_diffusers_weights_through_table(name):
     theirs = UNet2DConditionModel(**diffusers_config(cfg, checkpoint)).eval()
     randomize(theirs, seed=2)
 
-    table = diffusers_table(cfg)
+    table = unet_table(cfg)
     sd = table.to_ours(theirs.state_dict(), source="diffusers tiny UNet")
     load_strict(ours, sd, source="diffusers tiny UNet")
     ours.eval()
@@ -295,7 +295,7 @@ def test_norm_epsilons_match_diffusers():
         ours = UNetModel(cfg)
         theirs = UNet2DConditionModel(**diffusers_config(cfg, {PREFIX + k: v for k, v in ours.state_dict().items()}))
     seen = 0
-    for rule in diffusers_table(cfg).rules:
+    for rule in unet_table(cfg).rules:
         if not rule.ours.endswith(".weight"):
             continue
         mine = ours.get_submodule(rule.ours.removesuffix(".weight"))
@@ -362,8 +362,8 @@ def test_preset_keys_shapes_and_counts_match_diffusers(name):
     assert n_ours == n_theirs == exact
     assert (f"{exact / 1e6:.2f}M" if exact < 1e9 else f"{exact / 1e9:.3f}B") == rounded
 
-    # diffusers_table reaches every parameter of diffusers' model, shape for shape.
-    table = diffusers_table(cfg)
+    # unet_table reaches every parameter of diffusers' model, shape for shape.
+    table = unet_table(cfg)
     assert set(table.theirs_keys) == set(their_shapes)
     check_state_dict(ours, table.to_ours(theirs.state_dict()), source=f"diffusers {name}")
 

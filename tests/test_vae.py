@@ -20,8 +20,9 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from minisd.diffusers_format import vae_table
 from minisd.keymap import CheckpointError, check_state_dict, load_strict
-from minisd.vae import SD_VAE, SDXL_VAE, AutoencoderKL, DiagonalGaussian, VAEConfig, _blend_tiles, diffusers_table
+from minisd.vae import SD_VAE, SDXL_VAE, AutoencoderKL, DiagonalGaussian, VAEConfig, _blend_tiles
 from tests.utils import assert_rel_close
 
 # Three levels, so two decoder levels (up.1, up.2) have identical shapes: a
@@ -80,7 +81,7 @@ def test_official_layout_through_diffusers_converter_matches(tmp_path):
 
     # Our table says where every official tensor lands in diffusers: it must agree
     # with diffusers' own converter tensor for tensor (the weights are all distinct).
-    ours_as_theirs = diffusers_table(TINY).to_theirs(ours.state_dict())
+    ours_as_theirs = vae_table(TINY).to_theirs(ours.state_dict())
     assert sorted(ours_as_theirs) == sorted(converted)
     for k, v in converted.items():
         assert torch.equal(ours_as_theirs[k], v), k
@@ -108,7 +109,7 @@ def test_diffusers_weights_through_table_match():
     theirs = _perturb_norms(DiffusersAutoencoderKL(**config), seed=5)
     with torch.device("meta"):
         ours = AutoencoderKL(TINY)
-    sd = diffusers_table(TINY).to_ours(theirs.state_dict(), source="diffusers AutoencoderKL")
+    sd = vae_table(TINY).to_ours(theirs.state_dict(), source="diffusers AutoencoderKL")
     load_strict(ours, sd, source="diffusers AutoencoderKL")
     ours.eval()
 
@@ -153,8 +154,8 @@ def test_full_size_official_keys_are_what_diffusers_converts(preset):
     assert n_ours == sum(p.numel() for p in theirs.parameters())
     assert round(n_ours / 1e6, 2) == 83.65  # the published size of the SD / SDXL VAE
 
-    # diffusers_table reaches every diffusers parameter, shape for shape, both ways.
-    table = diffusers_table(preset)
+    # vae_table reaches every diffusers parameter, shape for shape, both ways.
+    table = vae_table(preset)
     check_state_dict(ours, table.to_ours(theirs.state_dict(), source="diffusers meta model"))
     assert {k: tuple(v.shape) for k, v in table.to_theirs(ours.state_dict()).items()} == expected
 
@@ -203,12 +204,12 @@ def test_bad_configs_raise():
     with pytest.raises(ValueError, match="double_z"):
         VAEConfig(double_z=False)
     with pytest.raises(ValueError, match="embed_dim == z_channels, got 8 and 4"):
-        diffusers_table(VAEConfig(embed_dim=8))
+        vae_table(VAEConfig(embed_dim=8))
     with torch.device("meta"):
         sd = DiffusersAutoencoderKL(**_diffusers_config(TINY, {})).state_dict()
     del sd["decoder.up_blocks.0.upsamplers.0.conv.weight"]
     with pytest.raises(CheckpointError, match=r"missing: decoder\.up_blocks\.0\.upsamplers\.0\.conv\.weight"):
-        diffusers_table(TINY).to_ours(sd)
+        vae_table(TINY).to_ours(sd)
 
 
 # --------------------------------------------------------------------------- tiling
@@ -253,7 +254,10 @@ def test_tiled_decode_approximates_untiled():
     z = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(12))
     with torch.no_grad():
         full = vae.decode(z)
-        err = {(t, o): (vae.decode_tiled(z, tile_size=t, overlap=o) - full).abs() for t, o in ((16, 0), (16, 8), (24, 16))}
+        err = {
+            (t, o): (vae.decode_tiled(z, tile_size=t, overlap=o) - full).abs()
+            for t, o in ((16, 0), (16, 8), (24, 16))
+        }
     assert err[24, 16].mean() <= 0.2 * full.abs().mean()
     assert err[24, 16].max() <= 0.3 * full.abs().max()
     # More overlap, and larger tiles, bring the result closer to the untiled decode
@@ -290,7 +294,8 @@ def test_fp16_overflow_falls_back_to_fp32(half, caplog):
     if half == "encoder":
         x, run, raw = _images(6, (1, 3, 32, 32)), (lambda m, t: m.encode(t).mean), vae._moments
     else:
-        x, run, raw = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(6)), AutoencoderKL.decode, vae._decode
+        x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(6))
+        run, raw = AutoencoderKL.decode, vae._decode
     with torch.no_grad():
         assert not torch.isfinite(raw(x.half())).all()  # the premise: fp16 really overflows
         expected = run(reference, x.half())

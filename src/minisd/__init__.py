@@ -1,19 +1,22 @@
 """minisd: Stable Diffusion v1, v2 and SDXL, written by hand in PyTorch.
 
-See README.md for the tour; each component lives in one file:
-`tokenizer`, `clip`, `conditioning`, `unet`, `vae`, `schedules`, `denoisers`, `samplers`,
-`checkpoint`, `pipeline`, with the shared `attention` function, the `keymap`
-tables and the `families` table.
+One file per component (docs/architecture.md walks them in order):
+`tokenizer`, `clip` (text transformers), `conditioning`, `unet`, `vae`, with the shared
+`attention`; `schedules`, `denoisers`, `samplers` and the `compat` rules for diffusers seed
+parity; `families` (what differs between v1, v2 and SDXL), `keymap` (strict key tables),
+`layouts` and `diffusers_format` (the foreign layouts), `detection` and `checkpoint`
+(files in and out); `pipeline` (txt2img, img2img, inpainting, the refiner stage), `model`
+(`StableDiffusion` and `load`), `images` and `cli`.
 
     import minisd
     sd = minisd.load("v1-5-pruned-emaonly.safetensors")
     image = sd.generate("a photograph of an astronaut riding a horse", seed=0)[0]
 """
 
-from .checkpoint import load, save
+from .checkpoint import save
 from .detection import DetectedModel, detect
 from .keymap import CheckpointError
-from .pipeline import StableDiffusion
+from .model import StableDiffusion, load
 
 __version__ = "0.1.0"
 __all__ = ["CheckpointError", "DetectedModel", "StableDiffusion", "detect", "load", "save"]

@@ -9,7 +9,7 @@ Models From Natural Language Supervision", sec. 2.4) serves all three encoders:
 
 Modules are named like open_clip's `TextTransformer` (`transformer.resblocks.N.attn.in_proj_weight`,
 `ln_final`, `text_projection`), so an OpenCLIP tower of an official file loads by a prefix strip.
-The HF transformers layout (SD1/SDXL files, diffusers folders) is the `hf_table` key table.
+The HF transformers layout (SD1/SDXL files, diffusers folders) is the `layouts.hf_table` key table.
 
 Which output each model uses as its context is the conditioning code's business:
 SD1 takes `last_hidden_state`; SD2 takes `ln_final` of the penultimate block's output;
@@ -19,7 +19,6 @@ Where each encoder sits in official files and diffusers folders is `families.py`
 
 from __future__ import annotations
 
-import re
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -30,10 +29,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from minisd.attention import attention
-from minisd.keymap import CheckpointError, Ignore, KeyTable, Rule
-
-SOT_TOKEN_ID = 49406  # <|startoftext|>
-EOT_TOKEN_ID = 49407  # <|endoftext|>; pooling reads the hidden state at its first occurrence
 
 
 @dataclass(frozen=True)
@@ -46,7 +41,7 @@ class TextConfig:
     mlp_width: int  # hidden units of each block's MLP (HF `intermediate_size`; open_clip `width * mlp_ratio`)
     act: str  # "quick_gelu" (OpenAI CLIP) or "gelu" (OpenCLIP, exact erf form)
     projection_dim: int | None  # columns of `text_projection`; None: the weights have no projection
-    vocab_size: int = 49408  # CLIP BPE: 512 byte tokens (plain and word-final), 48894 merges, sot, eot
+    vocab_size: int = 49408  # rows of token_embedding: CLIP's BPE vocabulary (tokenizer.VOCAB_SIZE)
     context_length: int = 77  # positions of `positional_embedding`
     layer_norm_eps: float = 1e-5  # torch's default, used by open_clip, OpenAI CLIP and HF alike
 
@@ -60,6 +55,11 @@ class TextConfig:
             raise ValueError(f"TextConfig.act must be 'quick_gelu' or 'gelu', got {self.act!r}")
         if self.width % self.heads != 0:
             raise ValueError(f"TextConfig: width {self.width} does not split into {self.heads} heads")
+
+    @property
+    def eot_token_id(self) -> int:
+        """`<|endoftext|>`, the last vocabulary entry (tokenizer.EOT_TOKEN_ID, 49407), where pooling reads."""
+        return self.vocab_size - 1
 
     @classmethod
     def from_hf_config(cls, d: Mapping[str, Any], *, projection: bool) -> TextConfig:
@@ -183,7 +183,7 @@ class TextTransformer(nn.Module):
     """The causal text transformer of CLIP, named like open_clip's `TextTransformer`.
 
     Parameters are left uninitialised (`torch.empty`): build it on the meta device and
-    load a checkpoint with `keymap.load_strict(..., assign=True)`."""
+    load a checkpoint with `keymap.load_strict`, which assigns the tensors."""
 
     def __init__(self, config: TextConfig) -> None:
         super().__init__()
@@ -206,9 +206,9 @@ class TextTransformer(nn.Module):
     ) -> TextOutput:
         """Encode token ids `(B, L)`, `L <= context_length` (shorter inputs use the first `L` positions).
 
-        eot_index: `(B,)` position to pool at; by default each row's first EOT (49407). open_clip
-            takes `argmax(input_ids)` and HF the first EOS: the same, as EOT is the largest id and
-            argmax returns the first maximum.
+        eot_index: `(B,)` position to pool at; by default each row's first EOT (`config.eot_token_id`,
+            49407). open_clip takes `argmax(input_ids)` and HF the first EOS: the same, as EOT is the
+            largest id and argmax returns the first maximum.
         num_layers: run only the first `num_layers` blocks (SD2 and SDXL's CLIP-L use only the
             penultimate output; bigG needs `pooled` too, so runs all); when fewer than
             `config.layers` blocks run, `last_hidden_state` and `pooled` are None.
@@ -246,11 +246,11 @@ class TextTransformer(nn.Module):
             lo, hi = int(input_ids.min()), int(input_ids.max())
             raise ValueError(f"input_ids must lie in [0, {cfg.vocab_size}), got values in [{lo}, {hi}]")
 
-    @staticmethod
-    def _eot_index(input_ids: torch.Tensor) -> torch.Tensor:
-        is_eot = input_ids == EOT_TOKEN_ID
+    def _eot_index(self, input_ids: torch.Tensor) -> torch.Tensor:
+        eot = self.config.eot_token_id
+        is_eot = input_ids == eot
         if not bool(is_eot.any(dim=1).all()):
-            raise ValueError(f"every row of input_ids needs an EOT token ({EOT_TOKEN_ID}), or pass eot_index")
+            raise ValueError(f"every row of input_ids needs an EOT token ({eot}), or pass eot_index")
         return is_eot.int().argmax(dim=1)  # first occurrence
 
     @staticmethod
@@ -261,81 +261,3 @@ class TextTransformer(nn.Module):
         if b and (eot_index.min() < 0 or eot_index.max() >= length):
             raise ValueError(f"eot_index must lie in [0, {length}), got {eot_index.tolist()}")
         return eot_index.to(device=input_ids.device, dtype=torch.long)
-
-
-# --------------------------------------------------------------------------- key tables
-# (ours, their HF transformers names, transform), in our state-dict order: the one list both
-# tables are generated from. HF keeps q/k/v apart; nn.MultiheadAttention packs them as [q; k; v].
-def _hf_rules(config: TextConfig) -> list[tuple[str, tuple[str, ...], str]]:
-    rules = [
-        ("token_embedding.weight", ("text_model.embeddings.token_embedding.weight",), "identity"),
-        ("positional_embedding", ("text_model.embeddings.position_embedding.weight",), "identity"),
-    ]
-    for i in range(config.layers):
-        ours, hf = f"transformer.resblocks.{i}.", f"text_model.encoder.layers.{i}."
-        for p in ("weight", "bias"):
-            rules += [
-                (f"{ours}ln_1.{p}", (f"{hf}layer_norm1.{p}",), "identity"),
-                (f"{ours}attn.in_proj_{p}", tuple(f"{hf}self_attn.{x}_proj.{p}" for x in "qkv"), "concat0"),
-                (f"{ours}attn.out_proj.{p}", (f"{hf}self_attn.out_proj.{p}",), "identity"),
-                (f"{ours}ln_2.{p}", (f"{hf}layer_norm2.{p}",), "identity"),
-                (f"{ours}mlp.c_fc.{p}", (f"{hf}mlp.fc1.{p}",), "identity"),
-                (f"{ours}mlp.c_proj.{p}", (f"{hf}mlp.fc2.{p}",), "identity"),
-            ]
-    rules += [(f"ln_final.{p}", (f"text_model.final_layer_norm.{p}",), "identity") for p in ("weight", "bias")]
-    if config.projection_dim is not None:
-        # CLIPTextModelWithProjection's bias-free nn.Linear (out, in) = our (in, out) matrix, transposed.
-        rules.append(("text_projection", ("text_projection.weight",), "transpose"))
-    return rules
-
-
-def hf_table(config: TextConfig) -> KeyTable:
-    """HF transformers `CLIPTextModel` / `CLIPTextModelWithProjection` names (`text_model.*`,
-    plus `text_projection.weight` when projected), relative to the encoder root. Works for any
-    layer count (diffusers' SD2 text_encoder keeps 23 of OpenCLIP-H's 24 blocks).
-
-    transformers >= 5.6 saves a plain `CLIPTextModel` without the `text_model.` prefix; add it back
-    before applying this table."""
-    ignore = (
-        Ignore("text_model.embeddings.position_ids", "a buffer arange(77) (float in some SD1 files), not a weight"),
-    )
-    return KeyTable("HF CLIP text", tuple(Rule(o, t, f) for o, t, f in _hf_rules(config)), ignore)
-
-
-def open_clip_table(config: TextConfig) -> KeyTable:
-    """open_clip's names (ours), relative to the encoder root (`cond_stage_model.model.` in SD2)."""
-    ignore = (
-        Ignore("logit_scale", "CLIP's contrastive temperature, unused for conditioning"),
-        Ignore("attn_mask", "a causal mask buffer some open_clip versions save; we use is_causal"),
-    )
-    return KeyTable.identity("open_clip text", [o for o, _, _ in _hf_rules(config)], ignore)
-
-
-def config_from_state_dict(sd: Mapping[str, torch.Tensor], layout: str, *, act: str) -> TextConfig:
-    """Read a `TextConfig` from tensor shapes (prefix already stripped), like OpenAI CLIP's `build_model`.
-
-    Shapes cannot tell the head count nor the activation: heads = width // 64, as in `build_model`
-    and true of all three presets; `act` must be given ("quick_gelu" for OpenAI CLIP-L, "gelu" for
-    OpenCLIP H and bigG). `layer_norm_eps` is torch's default 1e-5."""
-    if layout == "hf":
-        names = ("text_model.embeddings.token_embedding.weight", "text_model.embeddings.position_embedding.weight",
-                 r"text_model\.encoder\.layers\.(\d+)\.", "text_model.encoder.layers.0.mlp.fc1.weight")
-    elif layout == "open_clip":
-        names = ("token_embedding.weight", "positional_embedding", r"transformer\.resblocks\.(\d+)\.",
-                 "transformer.resblocks.0.mlp.c_fc.weight")
-    else:
-        raise ValueError(f"layout must be 'hf' or 'open_clip', got {layout!r}")
-    token, position, block, fc = names
-    for key in (token, position, fc):
-        if key not in sd:
-            raise CheckpointError(f"cannot read a {layout} text encoder config: missing {key}")
-    layers = 1 + max((int(m.group(1)) for k in sd if (m := re.match(block, k))), default=-1)
-    vocab_size, width = sd[token].shape
-    if layout == "hf":
-        projection_dim = sd["text_projection.weight"].shape[0] if "text_projection.weight" in sd else None
-    else:
-        projection_dim = sd["text_projection"].shape[1] if "text_projection" in sd else None
-    return TextConfig(
-        width=width, heads=width // 64, layers=layers, mlp_width=sd[fc].shape[0], act=act,
-        projection_dim=projection_dim, vocab_size=vocab_size, context_length=sd[position].shape[0],
-    )

@@ -9,16 +9,18 @@ The U-Net sees two kinds of conditioning:
 Which hidden state of which text encoder makes `context` is fixed by each official
 config (the `cond_stage_config` / `conditioner` of the LDM and sgm YAMLs):
 
-| family        | encoder(s)                          | context                                                | pad |
-|---------------|-------------------------------------|--------------------------------------------------------|-----|
-| SD1           | CLIP ViT-L/14 (`FrozenCLIPEmbedder`, layer "last") | `ln_final(hidden_states[12])`: last block + final LN | 49407 |
-| SD2           | OpenCLIP ViT-H/14 (`FrozenOpenCLIPEmbedder`, layer "penultimate") | `ln_final(hidden_states[23])` | 0 |
-| SDXL base     | CLIP-L (`layer: hidden, layer_idx: 11`) and OpenCLIP bigG (`FrozenOpenCLIPEmbedder2`, penultimate, `legacy: False`) | `cat(hidden_states_L[11], hidden_states_G[31])`, no final LN | 49407 / 0 |
-| SDXL refiner  | OpenCLIP bigG (penultimate)         | `hidden_states_G[31]`, no final LN                     | 0 |
+- SD1: CLIP ViT-L/14 (`FrozenCLIPEmbedder`, layer "last");
+  context `ln_final(hidden_states[12])` (last block + final LN); pad 49407.
+- SD2: OpenCLIP ViT-H/14 (`FrozenOpenCLIPEmbedder`, layer "penultimate");
+  context `ln_final(hidden_states[23])`; pad 0.
+- SDXL base: CLIP-L (`layer: hidden, layer_idx: 11`) and OpenCLIP bigG
+  (`FrozenOpenCLIPEmbedder2`, penultimate, `legacy: False`);
+  context `cat(hidden_states_L[11], hidden_states_G[31])`, no final LN; pad 49407 / 0.
+- SDXL refiner: OpenCLIP bigG (penultimate); context `hidden_states_G[31]`, no final LN; pad 0.
 
-`families.TextEncoderUse` records these settings per family. diffusers' SD2 folders
-store the OpenCLIP-H encoder with its unused 24th block dropped and read the last
-of the 23 that remain: the same tensor, which the loader accounts for.
+`families.TextEncoderSpec` records these settings per family, and a loaded model's
+`TextEncoderUse` the hidden state it reads, as an absolute index: diffusers' SD2 folders
+store the OpenCLIP-H tower without its unused 24th block, and layer 23 is then its last.
 
 SDXL's pooled vector is `ln_final(hidden_states_G[32])[eot] @ text_projection`
 (sgm `FrozenOpenCLIPEmbedder2.forward` with `always_return_pooled`).
@@ -26,13 +28,13 @@ SDXL's pooled vector is `ln_final(hidden_states_G[32])[eot] @ text_projection`
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from .clip import TextTransformer
-from .families import TextEncoderUse, family_spec
+from .families import SDXL_BASE_Y, SDXL_REFINER_Y, Family, TextEncoderUse
 from .tokenizer import CLIPTokenizer
 from .unet import timestep_embedding
 
@@ -52,7 +54,7 @@ class Conditioning:
 
 def encode_prompt(
     prompts: str | Sequence[str],
-    family: str,
+    family: Family,
     encoders: Sequence[TextTransformer],
     tokenizer: CLIPTokenizer | None = None,
     *,
@@ -65,12 +67,12 @@ def encode_prompt(
     Args:
         prompts: one prompt or a batch of them. Prompts longer than 75 BPE tokens are
             truncated, as the references do.
-        family: a family name of `families.FAMILIES` (`"sd1"`, `"sd2"`, `"sdxl"`, ...).
+        family: the model family (`families.FAMILIES[...]`, or a loaded model's `family`).
         encoders: the family's text encoders, in the official order (SDXL: CLIP-L, then bigG).
         tokenizer: the BPE tokenizer (one vocabulary serves CLIP and OpenCLIP; only the
-            pad token differs, and it is taken from the family's settings).
-        uses: how to read each encoder; defaults to the family's official settings
-            (a diffusers SD2 folder's 23-block encoder is read with `skip=0`).
+            pad token differs, and it is taken from `uses`).
+        uses: how to read each encoder; default the family's official reading of full towers
+            (a loaded model passes its own: a diffusers SD2 folder's tower is one block shorter).
         clip_skip: read the context this many blocks earlier than the family's default
             (diffusers' `clip_skip`; A1111's "clip skip 2" is `clip_skip=1`). The final
             LayerNorm is applied exactly when the family applies it. Pooled outputs are
@@ -79,10 +81,12 @@ def encode_prompt(
             `force_uc_zero_embeddings=["txt"]`, diffusers' `force_zeros_for_empty_prompt`,
             used by SDXL base for the unconditional branch of guidance).
     """
+    if len(encoders) != len(family.text):
+        raise ValueError(
+            f"encode_prompt: family {family.name!r} needs {len(family.text)} text encoder(s), got {len(encoders)}"
+        )
     if uses is None:
-        uses = [t.use for t in family_spec(family).text]
-    if len(encoders) != len(uses):
-        raise ValueError(f"encode_prompt: family {family!r} needs {len(uses)} text encoder(s), got {len(encoders)}")
+        uses = [t.use(e.config.layers) for t, e in zip(family.text, encoders)]
     if clip_skip < 0:
         raise ValueError(f"encode_prompt: clip_skip must be >= 0, got {clip_skip}")
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
@@ -90,11 +94,11 @@ def encode_prompt(
 
     contexts, pooled = [], None
     for encoder, use in zip(encoders, uses, strict=True):
-        layer = encoder.config.layers - use.skip - clip_skip
+        layer = use.layer - clip_skip
         if layer < 0:
             raise ValueError(
                 f"encode_prompt: clip_skip {clip_skip} reaches below the first block of a "
-                f"{encoder.config.layers}-block encoder (the family already skips {use.skip})"
+                f"{encoder.config.layers}-block encoder read at layer {use.layer}"
             )
         device = encoder.token_embedding.weight.device
         tokens = tokenizer(prompts, pad_token_id=use.pad_token_id)
@@ -126,13 +130,49 @@ def _embed(values: torch.Tensor) -> torch.Tensor:
     return timestep_embedding(values.flatten(), 256).reshape(b, n * 256)  # (b n) d -> b (n d)
 
 
-def _pairs(name: str, value: Sequence[float] | torch.Tensor, batch: int, device: torch.device) -> torch.Tensor:
+@dataclass(frozen=True)
+class MicroConditioning:
+    """SDXL's micro-conditioning (Podell et al. 2023, sec. 2.2): sizes as (height, width), the crop
+    as (top, left), and the refiner's aesthetic scores for the prompt and the negative prompt."""
+
+    original_size: tuple[int, int]
+    target_size: tuple[int, int]
+    crop_coords_top_left: tuple[int, int] = (0, 0)
+    aesthetic_score: float = 6.0  # diffusers' refiner defaults
+    negative_aesthetic_score: float = 2.5
+
+    def values(self, *, negative: bool) -> dict[str, tuple[float, ...]]:
+        """Each input by name; the negative prompt differs only by its aesthetic score (sgm)."""
+        score = self.negative_aesthetic_score if negative else self.aesthetic_score
+        return {"original_size": self.original_size, "crop_coords_top_left": self.crop_coords_top_left,
+                "target_size": self.target_size, "aesthetic_score": (score,)}  # fmt: skip
+
+
+def _numbers(name: str, value: Sequence[float] | torch.Tensor, batch: int, width: int, device) -> torch.Tensor:
+    """One input as `(batch, width)` fp32: `width` numbers for all images, or a row per image."""
     v = torch.as_tensor(value, dtype=torch.float32, device=device)
+    if width == 1:  # a score: one number, or one per image
+        v = v.reshape(-1, 1)
     if v.dim() == 1:
+        v = v[None]
+    if v.shape[0] == 1:
         v = v.expand(batch, -1)
-    if v.shape != (batch, 2):
-        raise ValueError(f"{name}: expected 2 numbers (height, width) or (top, left) per image, got shape {tuple(v.shape)}")
+    if v.shape != (batch, width):
+        what = "1 number" if width == 1 else "2 numbers (height, width) or (top, left)"
+        raise ValueError(f"{name}: expected {what} per image, got shape {tuple(v.shape)}")
     return v
+
+
+# The number of scalars of each micro-conditioning input.
+_WIDTHS = {"original_size": 2, "crop_coords_top_left": 2, "target_size": 2, "aesthetic_score": 1}
+
+
+def vector_conditioning(pooled: torch.Tensor, inputs: Sequence[str], values: Mapping) -> torch.Tensor:
+    """SDXL's `y`: the pooled text vector, then each input's numbers embedded like timesteps
+    (256 dims each), in the order of `inputs` (`Family.y_inputs`, the sgm embedder order)."""
+    b, dev = pooled.shape[0], pooled.device
+    numbers = torch.cat([_numbers(name, values[name], b, _WIDTHS[name], dev) for name in inputs], dim=1)
+    return torch.cat([pooled.float(), _embed(numbers)], dim=1).to(pooled.dtype)
 
 
 def sdxl_vector(
@@ -146,16 +186,8 @@ def sdxl_vector(
 
     The order is the `conditioner.embedders` order of `sd_xl_base.yaml`; sizes are (height, width)
     as sgm's `original_size_as_tuple` (diffusers' `add_time_ids` use the same order)."""
-    b, dev = pooled.shape[0], pooled.device
-    sizes = torch.cat(
-        [
-            _pairs("original_size", original_size, b, dev),
-            _pairs("crop_coords_top_left", crop_coords_top_left, b, dev),
-            _pairs("target_size", target_size, b, dev),
-        ],
-        dim=1,
-    )
-    return torch.cat([pooled.float(), _embed(sizes)], dim=1).to(pooled.dtype)
+    values = {"original_size": original_size, "crop_coords_top_left": crop_coords_top_left, "target_size": target_size}
+    return vector_conditioning(pooled, SDXL_BASE_Y, values)
 
 
 def refiner_vector(
@@ -166,10 +198,6 @@ def refiner_vector(
 ) -> torch.Tensor:
     """SDXL refiner's `y` (2560 = 1280 + 2 x 2 x 256 + 256): pooled, original size,
     crop top-left, aesthetic score (`sd_xl_refiner.yaml` order; the score is one number)."""
-    b, dev = pooled.shape[0], pooled.device
-    score = torch.as_tensor(aesthetic_score, dtype=torch.float32, device=dev).reshape(-1, 1).expand(b, 1)
-    sizes = torch.cat(
-        [_pairs("original_size", original_size, b, dev), _pairs("crop_coords_top_left", crop_coords_top_left, b, dev), score],
-        dim=1,
-    )
-    return torch.cat([pooled.float(), _embed(sizes)], dim=1).to(pooled.dtype)
+    values = {"original_size": original_size, "crop_coords_top_left": crop_coords_top_left,
+              "aesthetic_score": aesthetic_score}  # fmt: skip
+    return vector_conditioning(pooled, SDXL_REFINER_Y, values)

@@ -48,9 +48,9 @@ class DiscreteDenoiser:
     (fp32, fractional between table entries, as k-diffusion and diffusers' Euler-type
     schedulers do; integer for the spaced schedules). `quantize=True` rounds t to the
     nearest trained timestep, which is what diffusers' DPMSolverMultistepScheduler does
-    with Karras sigmas. `model_dtype` (e.g. torch.float16) is the dtype of the model's
-    input; its output is cast back to x's dtype (the conditioning tensors are passed as
-    given). The prediction type lives here only.
+    with Karras sigmas (`compat.quantize_timesteps`). `model_dtype` (e.g. torch.float16)
+    is the dtype of the model's input; its output is cast back to x's dtype (the
+    conditioning tensors are passed as given). The prediction type lives here only.
     """
 
     model: Callable[..., torch.Tensor]

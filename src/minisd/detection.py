@@ -1,12 +1,14 @@
-"""What does a checkpoint hold? Answered from its header alone, never its weights.
+"""What does a checkpoint hold? The family from the header (or a folder's JSON files); the
+prediction type from metadata, a known file hash, or one U-Net call.
 
 - `read_safetensors_header` parses and validates the safetensors header (8-byte length,
   JSON, offsets), so a truncated or corrupt file is named before anything is read.
 - `detect_keys` decides the family of an official single file from sentinel keys and
-  shapes (diffusers' `CHECKPOINT_KEY_NAMES` idea) and records the evidence.
-- `detect` does the same for a diffusers folder from its JSON files.
-- SD2's epsilon (512) and v (768) models share every key and shape: metadata tells when
-  present, else `probe_prediction_type` runs one U-Net call at load time.
+  shapes (diffusers' `CHECKPOINT_KEY_NAMES` idea) and records the evidence;
+  `detect_diffusers` does the same for a diffusers folder from its JSON files.
+- SD2's epsilon (512) and v (768) models share every key and shape. Metadata tells when
+  present; otherwise `detect` leaves the prediction type open, and loading tries the
+  file's SHA-256 against `KNOWN_SHA256` and then `probe_prediction_type` (one U-Net call).
 """
 
 from __future__ import annotations
@@ -20,12 +22,35 @@ from pathlib import Path
 
 import torch
 
+from .families import (
+    PREDICTION_TYPES,
+    Family,
+    family_spec,
+    inpainting_variant,
+    prediction_is_ambiguous,
+    with_prediction,
+)
 from .keymap import CheckpointError
 from .unet import UNetModel
 
 # Bytes per element of each safetensors dtype, to check a header against the file size.
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-                "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
+_DTYPE_BYTES = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "U16": 2,
+    "U32": 4,
+    "U64": 8,
+}
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 _MAX_HEADER = 100 * 1024 * 1024  # the safetensors reference refuses headers over 100 MB
 
@@ -84,7 +109,10 @@ def read_safetensors_header(path: str | Path) -> SafetensorsHeader:
         except (KeyError, TypeError, ValueError):
             raise CheckpointError(f"{path}: corrupt safetensors header entry for {key!r}: {entry!r}") from None
         if end - begin != expected or begin < 0:
-            raise CheckpointError(f"{path}: corrupt header: {key!r} ({dtype} {list(shape)}) needs {expected} bytes, offsets span {end - begin}")
+            raise CheckpointError(
+                f"{path}: corrupt header: {key!r} ({dtype} {list(shape)}) needs {expected} bytes, "
+                f"offsets span {end - begin}"
+            )
         end_max = max(end_max, end)
         tensors[key] = TensorInfo(dtype, shape)
     if end_max > data_bytes:
@@ -102,9 +130,16 @@ _UNET_CROSS = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2
 _SDXL_BIGG = "conditioner.embedders.1.model.ln_final.weight"  # SDXL base: CLIP-L is embedder 0, bigG embedder 1
 _REFINER_BIGG = "conditioner.embedders.0.model.ln_final.weight"  # refiner: bigG is embedder 0, alone
 _SD2_OPENCLIP = "cond_stage_model.model.ln_final.weight"  # SD2: OpenCLIP-H
-_SD1_CLIP = ("cond_stage_model.transformer.text_model.final_layer_norm.weight",
-             # SD1 files written with transformers < 4.x lack the `text_model.` level
-             "cond_stage_model.transformer.final_layer_norm.weight")
+_SD1_CLIP = "cond_stage_model.transformer.text_model.final_layer_norm.weight"  # SD1: OpenAI CLIP-L
+# The text-encoder key that tells each family, tried in this order (an SDXL base file holds both embedders).
+_TEXT_SENTINELS = (
+    (_SDXL_BIGG, "sdxl", "CLIP-L and OpenCLIP bigG conditioners (SDXL base)"),
+    (_REFINER_BIGG, "sdxl-refiner", "OpenCLIP bigG alone, no second embedder (SDXL refiner)"),
+    (_SD2_OPENCLIP, "sd2", "OpenCLIP ViT-H text encoder (SD2)"),
+    (_SD1_CLIP, "sd1", "OpenAI CLIP ViT-L text encoder (SD1)"),
+    # SD1 files written with transformers < 4.x lack the `text_model.` level
+    (_SD1_CLIP.replace("text_model.", ""), "sd1", "OpenAI CLIP ViT-L text encoder (SD1, transformers 3.x names)"),
+)
 
 # SAI "modelspec" metadata (https://github.com/Stability-AI/ModelSpec) and what it says
 # about SD2's prediction type, when a file carries it.
@@ -119,7 +154,7 @@ class DetectedModel:
     Attributes:
         path: the file or folder.
         format: "single-file" (official layout) or "diffusers".
-        family: one of `families.FAMILIES`.
+        family: the family record (`families.FAMILIES`).
         prediction_type: "epsilon", "v_prediction", or None when the header cannot tell
             (SD2 without metadata: `load` then runs the probe, see `probe_prediction_type`).
         prediction_reason: why that prediction type.
@@ -130,7 +165,7 @@ class DetectedModel:
 
     path: Path
     format: str
-    family: str
+    family: Family
     prediction_type: str | None
     prediction_reason: str
     evidence: list[str] = field(default_factory=list)
@@ -144,7 +179,9 @@ def _what_else(keys: list[str]) -> str:
     if any(s in joined for s in ("lora_down", "lora_up", "lora_A", "lora_B", "lora_unet_", "lora_te")):
         return "it looks like a LoRA (low-rank adapter); load a full checkpoint and apply the LoRA to it"
     if any(k.startswith(("encoder.down.", "decoder.up.", "encoder.down_blocks.", "decoder.up_blocks.")) for k in keys):
-        return "it looks like a VAE-only file; pass a full checkpoint (a standalone VAE can replace the checkpoint's VAE)"
+        return (
+            "it looks like a VAE-only file; pass a full checkpoint (a standalone VAE can replace the checkpoint's VAE)"
+        )
     if all(k.startswith("first_stage_model.") for k in keys):
         return "it holds only the VAE (`first_stage_model.*`); pass a full checkpoint"
     if any(k.startswith(("down_blocks.", "conv_in.")) for k in keys):
@@ -163,46 +200,47 @@ def detect_keys(tensors: dict[str, TensorInfo], metadata: dict[str, str], path: 
         raise CheckpointError(f"{path}: no Stable Diffusion U-Net (`{_UNET_IN}` is missing): {_what_else(keys)}")
     ev = []
     in_ch = tensors[_UNET_IN].shape[1]
-    ev.append(f"{_UNET_IN} has shape {list(tensors[_UNET_IN].shape)}: {in_ch} input channels"
-              + (" (latents + mask + masked-image latents: inpainting)" if in_ch == 9 else ""))
-    if _SDXL_BIGG in tensors:
-        family = "sdxl"
-        ev.append(f"{_SDXL_BIGG} present: CLIP-L and OpenCLIP bigG conditioners (SDXL base)")
-    elif _REFINER_BIGG in tensors:
-        family = "sdxl-refiner"
-        ev.append(f"{_REFINER_BIGG} present and no second embedder: OpenCLIP bigG alone (SDXL refiner)")
-    elif _SD2_OPENCLIP in tensors:
-        family = "sd2"
-        ev.append(f"{_SD2_OPENCLIP} present: OpenCLIP ViT-H text encoder (SD2)")
-    elif any(k in tensors for k in _SD1_CLIP):
-        family = "sd1"
-        ev.append(f"{next(k for k in _SD1_CLIP if k in tensors)} present: OpenAI CLIP ViT-L text encoder (SD1)")
-    else:
+    ev.append(
+        f"{_UNET_IN} has shape {list(tensors[_UNET_IN].shape)}: {in_ch} input channels"
+        + (" (latents + mask + masked-image latents: inpainting)" if in_ch == 9 else "")
+    )
+    found = next((entry for entry in _TEXT_SENTINELS if entry[0] in tensors), None)
+    if found is None:
         ctx = tensors[_UNET_CROSS].shape[1] if _UNET_CROSS in tensors else None
         raise CheckpointError(
             f"{path}: partial checkpoint: the U-Net is there (context width {ctx}) but no text encoder keys "
             "(`cond_stage_model.*` or `conditioner.embedders.*`) were found. minisd needs a full checkpoint."
         )
+    key, name, what = found
+    family = family_spec(name)
+    ev.append(f"{key} present: {what}")
     if in_ch == 9:
-        if family not in ("sd1", "sd2"):
-            raise CheckpointError(f"{path}: a 9-channel (inpainting) {family} U-Net is not a family minisd knows")
-        family += "-inpaint"
+        family = inpainting_variant(family, str(path))
     elif in_ch != 4:
-        raise CheckpointError(f"{path}: the U-Net takes {in_ch} input channels; minisd knows 4 (txt2img) and 9 (inpainting)")
+        raise CheckpointError(
+            f"{path}: the U-Net takes {in_ch} input channels; minisd knows 4 (txt2img) and 9 (inpainting)"
+        )
 
-    prediction, reason = "epsilon", "SD1 and SDXL are trained with epsilon-prediction"
-    if family == "sd2":
-        prediction, reason = _sd2_prediction_from_metadata(metadata)
-        if prediction == "v_prediction":
-            family = "sd2-v"
-    elif family == "sd2-inpaint":
-        reason = "the SD2 inpainting model (512-inpainting-ema) is trained with epsilon-prediction"
+    if prediction_is_ambiguous(family):
+        prediction, reason = _prediction_from_metadata(metadata)
+    else:
+        prediction, reason = family.prediction_type, f"{family.name} models are trained with {family.prediction_type}"
+    if prediction is not None:
+        family = with_prediction(family, prediction)
     dtypes = Counter(t.dtype for t in tensors.values())
-    return DetectedModel(path, "single-file", family, prediction, reason, ev,
-                         has_ema=any(k.startswith("model_ema.") for k in keys), dtypes=dict(dtypes))
+    return DetectedModel(
+        path,
+        "single-file",
+        family,
+        prediction,
+        reason,
+        ev,
+        has_ema=any(k.startswith("model_ema.") for k in keys),
+        dtypes=dict(dtypes),
+    )
 
 
-def _sd2_prediction_from_metadata(metadata: dict[str, str]) -> tuple[str | None, str]:
+def _prediction_from_metadata(metadata: dict[str, str]) -> tuple[str | None, str]:
     """SD2 512 (epsilon) and 768 (v) share every key and shape: only metadata (or a probe) tells."""
     pt = metadata.get("modelspec.prediction_type", "").lower()
     if pt in ("v", "v_prediction", "v-prediction"):
@@ -215,7 +253,9 @@ def _sd2_prediction_from_metadata(metadata: dict[str, str]) -> tuple[str | None,
     if arch in _EPS_ARCHITECTURES:
         return "epsilon", f"safetensors metadata modelspec.architecture={arch!r}"
     if metadata.get("minisd.prediction_type") in ("epsilon", "v_prediction"):
-        return metadata["minisd.prediction_type"], "safetensors metadata minisd.prediction_type (written by minisd.save)"
+        return metadata[
+            "minisd.prediction_type"
+        ], "safetensors metadata minisd.prediction_type (written by minisd.save)"
     return None, "SD2 epsilon and v models have identical keys; the header carries no prediction type"
 
 
@@ -250,8 +290,10 @@ def probe_prediction_type(unet: UNetModel, *, size: int = 32) -> tuple[str, str]
     a = a - a.mean()
     slope = float(((out.flatten() - out.mean()) * a).sum() / (a * a).sum())
     kind = "epsilon" if slope > 0.5 else "v_prediction"
-    return kind, f"probe: one U-Net call at t=999 on noise; output/input slope {slope:.2f} ({'>' if slope > 0.5 else '<='} 0.5)"
-
+    return (
+        kind,
+        f"probe: one U-Net call at t=999 on noise; output/input slope {slope:.2f} ({'>' if slope > 0.5 else '<='} 0.5)",
+    )
 
 
 def refuse_pickle(path: Path) -> None:
@@ -279,6 +321,7 @@ def _component_present(index: dict, name: str) -> bool:
 
 
 def detect_diffusers(folder: Path) -> DetectedModel:
+    """The family of a diffusers folder, from model_index.json and the components' config.json files."""
     if not (folder / "model_index.json").exists():
         raise CheckpointError(
             f"{folder}: a directory without model_index.json is not a diffusers pipeline folder; "
@@ -290,36 +333,38 @@ def detect_diffusers(folder: Path) -> DetectedModel:
     ev = [f"model_index.json: _class_name {cls!r}"]
     has_1, has_2 = _component_present(index, "text_encoder"), _component_present(index, "text_encoder_2")
     if has_1 and has_2:
-        family = "sdxl"
-        ev.append("text_encoder and text_encoder_2 present (CLIP-L + bigG): SDXL base")
+        name, what = "sdxl", "text_encoder and text_encoder_2 present (CLIP-L + bigG): SDXL base"
     elif has_2:
-        family = "sdxl-refiner"
-        ev.append("text_encoder_2 alone (bigG): SDXL refiner")
+        name, what = "sdxl-refiner", "text_encoder_2 alone (bigG): SDXL refiner"
     elif has_1:
         act = read_json(folder / "text_encoder" / "config.json").get("hidden_act")
-        family = "sd1" if act == "quick_gelu" else "sd2"
-        ev.append(f"text_encoder/config.json hidden_act {act!r}: "
-                  + ("OpenAI CLIP (SD1)" if family == "sd1" else "OpenCLIP (SD2)"))
+        # OpenAI CLIP's activation is quick_gelu; OpenCLIP's is gelu
+        name, what = ("sd1", "OpenAI CLIP (SD1)") if act == "quick_gelu" else ("sd2", "OpenCLIP (SD2)")
+        what = f"text_encoder/config.json hidden_act {act!r}: {what}"
     else:
         raise CheckpointError(f"{folder}: model_index.json lists no text encoder; not a Stable Diffusion pipeline")
+    family = family_spec(name)
+    ev.append(what)
     in_ch = unet_cfg.get("in_channels", 4)
     ev.append(f"unet/config.json in_channels {in_ch}")
-    if in_ch == 9 and family in ("sd1", "sd2"):
-        family += "-inpaint"
+    if in_ch == 9:
+        family = inpainting_variant(family, str(folder))
     elif in_ch != 4:
-        raise CheckpointError(f"{folder}: a {in_ch}-channel {family} U-Net is not a family minisd knows")
+        raise CheckpointError(f"{folder}: a {in_ch}-channel {family.name} U-Net is not a family minisd knows")
     sched = folder / "scheduler" / "scheduler_config.json"
     pt = read_json(sched).get("prediction_type", "epsilon") if sched.exists() else "epsilon"
-    reason = f"scheduler/scheduler_config.json prediction_type {pt!r}" if sched.exists() else "no scheduler config: epsilon"
-    if pt not in ("epsilon", "v_prediction"):
-        raise CheckpointError(f"{sched}: prediction_type {pt!r} is not one minisd supports (epsilon, v_prediction)")
-    if family == "sd2" and pt == "v_prediction":
-        family = "sd2-v"
+    reason = (
+        f"scheduler/scheduler_config.json prediction_type {pt!r}" if sched.exists() else "no scheduler config: epsilon"
+    )
+    if pt not in PREDICTION_TYPES:
+        raise CheckpointError(f"{sched}: prediction_type {pt!r} is not one minisd supports {PREDICTION_TYPES}")
+    family = with_prediction(family, pt)
     return DetectedModel(folder, "diffusers", family, pt, reason, ev)
 
 
 def detect(path: str | Path) -> DetectedModel:
-    """What a checkpoint holds, from its header (or a diffusers folder's JSON files) alone."""
+    """What a checkpoint holds, from its header (or a diffusers folder's JSON files) alone: the
+    prediction type of an SD2 file without metadata stays None (loading decides it, see above)."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or directory")
@@ -341,8 +386,12 @@ KNOWN_SHA256 = {
     "ad2a33c361c1f593c4a1fb32ea81afce2b5bb7d1983c6b94793a26a3b54b08a0": ("v2-1_768-ema-pruned.safetensors", "sd2-v"),
     "88ecb782561455673c4b78d05093494b9c539fc6bfc08f3a9a4a0dd7b0b10f36": ("v2-1_512-ema-pruned.safetensors", "sd2"),
     "31e35c80fc4829d14f90153f4c74cd59c90b779f6afe05a74cd6120b893f7e5b": ("sd_xl_base_1.0.safetensors", "sdxl"),
-    "7440042bbdc8a24813002c09b6b69b64dc90fded4472613437b7f55f9b7d9c5f": ("sd_xl_refiner_1.0.safetensors", "sdxl-refiner"),
+    "7440042bbdc8a24813002c09b6b69b64dc90fded4472613437b7f55f9b7d9c5f": (
+        "sd_xl_refiner_1.0.safetensors",
+        "sdxl-refiner",
+    ),
 }
+
 
 def sha256(path: Path, chunk: int = 1 << 24) -> str:
     h = hashlib.sha256()

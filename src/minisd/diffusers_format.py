@@ -1,4 +1,4 @@
-"""The diffusers folder format: its `config.json` files in both directions, and the folder's extras.
+"""The diffusers folder format: its `config.json` files and key tables, both directions, and the folder's extras.
 
 A diffusers folder (`StableDiffusionPipeline.save_pretrained`) holds one sub-folder per
 component, each with a `config.json` and a weights file:
@@ -10,26 +10,27 @@ component, each with a `config.json` and a weights file:
     scheduler/scheduler_config.json   (prediction_type)
     tokenizer(_2)/vocab.json, merges.txt, ...
 
-The weights go through the component key tables (`unet.diffusers_table`, ...); this
-module only translates the hyperparameters. diffusers' names are not always what they
-say: its `attention_head_dim` is the number of heads per level (an int for SD1, a list
-for SD2/SDXL), not their width.
+The U-Net and VAE weights go through the key tables `unet_table` and `vae_table` here,
+generated from the models' block plans (`unet.block_plan`, `vae.level_plan`); the text
+encoders' through `layouts.hf_table`. diffusers' names are not always what they say: its
+`attention_head_dim` is the number of heads per level (an int for SD1, a list for
+SD2/SDXL), not their width.
 """
 
 from __future__ import annotations
 
-import gzip
 import json
 from collections.abc import Mapping
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from .clip import TextConfig
-from .keymap import CheckpointError
-from .tokenizer import bytes_to_unicode
-from .unet import UNetConfig
-from .vae import VAEConfig
+from .keymap import CheckpointError, KeyTable, Rule
+from .tokenizer import EOT_TOKEN, SOT_TOKEN, read_merges, vocabulary
+from .unet import UNetConfig, UNetModel, block_plan
+from .vae import VAEConfig, level_plan
 
 # diffusers' `create_unet_diffusers_config_from_ldm`: only these context widths make an SDXL
 # "text_time" added embedding; any other `y` is a "projection" class embedding.
@@ -91,14 +92,18 @@ def unet_from_diffusers(d: Mapping[str, Any], where: str = "unet/config.json") -
     else:
         per_level = {w // h for w, h in zip(widths, heads, strict=True)}
         if len(per_level) != 1:
-            raise CheckpointError(f"{where}: head widths differ per level ({sorted(per_level)}); sgm has one num_head_channels")
+            raise CheckpointError(
+                f"{where}: head widths differ per level ({sorted(per_level)}); sgm has one num_head_channels"
+            )
         head_kw = {"num_head_channels": per_level.pop()}
     depth = d.get("transformer_layers_per_block", 1)
     adm = None
     if d.get("addition_embed_type") == "text_time" or d.get("class_embed_type") == "projection":
         adm = d["projection_class_embeddings_input_dim"]
     elif d.get("addition_embed_type") or d.get("class_embed_type"):
-        raise CheckpointError(f"{where}: unsupported added conditioning {d.get('addition_embed_type') or d.get('class_embed_type')!r}")
+        raise CheckpointError(
+            f"{where}: unsupported added conditioning {d.get('addition_embed_type') or d.get('class_embed_type')!r}"
+        )
     cross = d["cross_attention_dim"]
     return UNetConfig(
         in_channels=d.get("in_channels", 4),
@@ -113,6 +118,75 @@ def unet_from_diffusers(d: Mapping[str, Any], where: str = "unet/config.json") -
         adm_in_channels=adm,
         **head_kw,
     )
+
+
+# ResBlock submodules -> diffusers ResnetBlock2D (convert_ldm_unet_checkpoint's renames).
+_RESBLOCK_TO_DIFFUSERS = {
+    "in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
+    "out_layers.0": "norm2", "out_layers.3": "conv2", "skip_connection": "conv_shortcut",
+}
+
+
+def unet_table(config: UNetConfig) -> KeyTable:
+    """Diffusers `UNet2DConditionModel` state-dict names (theirs) <-> the official names (ours).
+
+    Generated from the block plan (`unet.block_plan`): `input_blocks.{n}` of level l,
+    position i -> `down_blocks.{l}.resnets.{i}` / `.attentions.{i}` / `.downsamplers.0`;
+    `output_blocks.{m}` -> `up_blocks.{L-1-l}...` (diffusers counts up blocks from
+    the bottom); the transformers keep their inner names. Every tensor has the
+    same shape in both layouts: SD1's 1x1-conv `proj_in`/`proj_out` are 1x1
+    convs in diffusers too (`use_linear_projection=False`), so no transform is
+    needed."""
+    homes: list[tuple[str, str]] = [  # (our module, their module)
+        ("time_embed.0", "time_embedding.linear_1"),
+        ("time_embed.2", "time_embedding.linear_2"),
+        ("input_blocks.0.0", "conv_in"),
+        ("out.0", "conv_norm_out"),
+        ("out.2", "conv_out"),
+    ]
+    if config.adm_in_channels is not None:
+        # diffusers' create_unet_diffusers_config_from_ldm (and `unet_to_diffusers`): SDXL-like context
+        # widths get addition_embed_type="text_time" (`add_embedding`), any other the "projection" class embedding.
+        mlp = "add_embedding" if config.context_dim in _TEXT_TIME_CONTEXT else "class_embedding"
+        homes += [("label_emb.0.0", f"{mlp}.linear_1"), ("label_emb.0.2", f"{mlp}.linear_2")]
+
+    def resblock(ours: str, theirs: str, ch_in: int, ch_out: int) -> None:
+        for name, their_name in _RESBLOCK_TO_DIFFUSERS.items():
+            if name != "skip_connection" or ch_in != ch_out:  # the 1x1 skip exists only then
+                homes.append((f"{ours}.{name}", f"{theirs}.{their_name}"))
+
+    plan = block_plan(config)
+    for n, b in enumerate(plan.inputs, start=1):
+        down = f"down_blocks.{b.level}"
+        if b.down:
+            homes.append((f"input_blocks.{n}.0.op", f"{down}.downsamplers.0.conv"))
+            continue
+        resblock(f"input_blocks.{n}.0", f"{down}.resnets.{b.index}", b.ch_in, b.ch_out)
+        if b.attn:
+            homes.append((f"input_blocks.{n}.1", f"{down}.attentions.{b.index}"))
+    ch = plan.middle_channels
+    resblock("middle_block.0", "mid_block.resnets.0", ch, ch)
+    homes.append(("middle_block.1", "mid_block.attentions.0"))
+    resblock("middle_block.2", "mid_block.resnets.1", ch, ch)
+    for m, b in enumerate(plan.outputs):
+        up = f"up_blocks.{len(config.channel_mult) - 1 - b.level}"
+        resblock(f"output_blocks.{m}.0", f"{up}.resnets.{b.index}", b.ch_in, b.ch_out)
+        if b.attn:
+            homes.append((f"output_blocks.{m}.1", f"{up}.attentions.{b.index}"))
+        if b.up:
+            homes.append((f"output_blocks.{m}.{2 if b.attn else 1}.conv", f"{up}.upsamplers.0.conv"))
+
+    # Expand each module pair into its tensors, reading the names off a meta-device model.
+    with torch.device("meta"):
+        model = UNetModel(config)
+    rules = [
+        Rule(f"{ours}.{key}", (f"{theirs}.{key}",))
+        for ours, theirs in homes
+        for key in model.get_submodule(ours).state_dict()
+    ]
+    if len(rules) != len(model.state_dict()):  # KeyTable itself rejects a tensor named twice
+        raise RuntimeError(f"unet_table: {len(rules)} rules for {len(model.state_dict())} tensors")
+    return KeyTable(f"diffusers UNet2DConditionModel ({config.model_channels} channels)", tuple(rules))
 
 
 # ------------------------------------------------------------------------------------- VAE
@@ -151,6 +225,63 @@ def vae_from_diffusers(d: Mapping[str, Any], where: str = "vae/config.json") -> 
         resolution=d.get("sample_size", 256),
         scale_factor=d.get("scaling_factor", 0.18215),
     )
+
+
+def vae_table(config: VAEConfig) -> KeyTable:
+    """Official names (ours) <-> diffusers `AutoencoderKL` names, generated from the level
+    plan (`vae.level_plan`).
+
+    Renames: `down.l.block.i` -> `down_blocks.l.resnets.i`, `nin_shortcut` -> `conv_shortcut`,
+    `mid.block_1/2` -> `mid_block.resnets.0/1`, `mid.attn_1.{norm,q,k,v,proj_out}` ->
+    `mid_block.attentions.0.{group_norm,to_q,to_k,to_v,to_out.0}` (Linear (C, C) weights
+    there, 1x1 convs (C, C, 1, 1) here), `norm_out` -> `conv_norm_out`, and the decoder's
+    `up.l` -> `up_blocks.{n-1-l}` (diffusers counts in application order).
+    """
+    if config.embed_dim != config.z_channels:  # diffusers has one `latent_channels`
+        got = f"{config.embed_dim} and {config.z_channels}"
+        raise ValueError(f"vae_table: needs embed_dim == z_channels, got {got}")
+    rules: list[Rule] = []
+
+    def same(ours: str, theirs: str, names: tuple[str, ...] = ("weight", "bias")) -> None:
+        rules.extend(Rule(f"{ours}.{n}", (f"{theirs}.{n}",)) for n in names)
+
+    def resnet(ours: str, theirs: str, c_in: int, c_out: int) -> None:
+        for name in ("norm1", "conv1", "norm2", "conv2"):
+            same(f"{ours}.{name}", f"{theirs}.{name}")
+        if c_in != c_out:
+            same(f"{ours}.nin_shortcut", f"{theirs}.conv_shortcut")
+
+    def mid(part: str, c: int) -> None:
+        resnet(f"{part}.mid.block_1", f"{part}.mid_block.resnets.0", c, c)
+        resnet(f"{part}.mid.block_2", f"{part}.mid_block.resnets.1", c, c)
+        ours, theirs = f"{part}.mid.attn_1", f"{part}.mid_block.attentions.0"
+        same(f"{ours}.norm", f"{theirs}.group_norm")
+        for o, t in (("q", "to_q"), ("k", "to_k"), ("v", "to_v"), ("proj_out", "to_out.0")):
+            rules.append(Rule(f"{ours}.{o}.weight", (f"{theirs}.{t}.weight",), "linear_to_conv1x1"))
+            same(f"{ours}.{o}", f"{theirs}.{t}", ("bias",))
+
+    plan, n = level_plan(config), len(config.ch_mult)
+    same("quant_conv", "quant_conv")
+    same("post_quant_conv", "post_quant_conv")
+    for part in ("encoder", "decoder"):
+        same(f"{part}.conv_in", f"{part}.conv_in")
+        mid(part, plan.mid_channels)
+        same(f"{part}.norm_out", f"{part}.conv_norm_out")
+        same(f"{part}.conv_out", f"{part}.conv_out")
+    # encoder: level l in, level l out
+    for lv in plan.down:
+        for i, (c_in, c_out) in enumerate(lv.blocks):
+            resnet(f"encoder.down.{lv.level}.block.{i}", f"encoder.down_blocks.{lv.level}.resnets.{i}", c_in, c_out)
+        if lv.resample:
+            same(f"encoder.down.{lv.level}.downsample.conv", f"encoder.down_blocks.{lv.level}.downsamplers.0.conv")
+    # decoder, in application order: official level l is diffusers' up_blocks[n - 1 - l]
+    for lv in reversed(plan.up):
+        theirs = f"decoder.up_blocks.{n - 1 - lv.level}"
+        for i, (c_in, c_out) in enumerate(lv.blocks):
+            resnet(f"decoder.up.{lv.level}.block.{i}", f"{theirs}.resnets.{i}", c_in, c_out)
+        if lv.resample:
+            same(f"decoder.up.{lv.level}.upsample.conv", f"{theirs}.upsamplers.0.conv")
+    return KeyTable("diffusers AutoencoderKL", tuple(rules))
 
 
 # ---------------------------------------------------------------------------- text encoders
@@ -205,19 +336,17 @@ def write_tokenizer(folder: Path, *, pad_token: str) -> None:
     merges after a version line. diffusers pads SD1's tokenizer with `<|endoftext|>` and
     SD2/SDXL's with `!` (id 0)."""
     folder.mkdir(parents=True, exist_ok=True)
-    raw = gzip.decompress(resources.files("minisd").joinpath("data/bpe_simple_vocab_16e6.txt.gz").read_bytes())
-    merges = raw.decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
-    byte_chars = list(bytes_to_unicode().values())
-    vocab = byte_chars + [c + "</w>" for c in byte_chars] + ["".join(m.split()) for m in merges]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    merges = read_merges()
+    vocab = vocabulary(merges)
     (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    lines = [" ".join(m) for m in merges]
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(lines) + "\n", encoding="utf-8")
     config = {
         "tokenizer_class": "CLIPTokenizer",
         "model_max_length": 77,
-        "bos_token": "<|startoftext|>",
-        "eos_token": "<|endoftext|>",
-        "unk_token": "<|endoftext|>",
+        "bos_token": SOT_TOKEN,
+        "eos_token": EOT_TOKEN,
+        "unk_token": EOT_TOKEN,
         "pad_token": pad_token,
         "do_lower_case": True,
     }

@@ -14,8 +14,9 @@ e.g. HF CLIP's separate `q_proj/k_proj/v_proj` fused into open_clip's
 schedule buffers, ...) sit on an ignore list, each with its reason.
 
 `KeyTable.to_ours` / `KeyTable.to_theirs` are total and strict: a key that is
-missing, left over (and not ignored), or of the wrong shape raises
-`CheckpointError` naming it. There is no `.get()` of a weight anywhere.
+missing or left over (and not ignored) raises `CheckpointError` naming it.
+Tables know names, not shapes: `load_strict` then checks every shape against
+the module before it assigns. There is no `.get()` of a weight anywhere.
 """
 
 from __future__ import annotations
@@ -48,7 +49,9 @@ def _to_conv1x1(ts: list[torch.Tensor]) -> torch.Tensor:
     return w[:, :, None, None] if w.dim() == 2 else w
 
 
-TRANSFORMS: dict[str, tuple[Callable[[list[torch.Tensor]], torch.Tensor], Callable[[torch.Tensor, int], list[torch.Tensor]]]] = {
+TRANSFORMS: dict[
+    str, tuple[Callable[[list[torch.Tensor]], torch.Tensor], Callable[[torch.Tensor, int], list[torch.Tensor]]]
+] = {
     # one foreign tensor, same values and shape
     "identity": (lambda ts: ts[0], lambda t, n: [t]),
     # HF `nn.Linear.weight` (out, in) <-> open_clip raw matrix used as `x @ P` (in, out)
@@ -114,20 +117,13 @@ class KeyTable:
         and `ours_prefix` before every key of ours."""
         return KeyTable(
             name or f"{self.name} @ {theirs_prefix!r}",
-            tuple(Rule(ours_prefix + r.ours, tuple(theirs_prefix + t for t in r.theirs), r.transform) for r in self.rules),
+            tuple(
+                Rule(ours_prefix + r.ours, tuple(theirs_prefix + t for t in r.theirs), r.transform) for r in self.rules
+            ),
             tuple(Ignore(theirs_prefix + i.pattern, i.reason) for i in self.ignore),
         )
 
-    @staticmethod
-    def union(name: str, *tables: KeyTable) -> KeyTable:
-        """Several tables over disjoint keys, as one (e.g. a whole checkpoint)."""
-        return KeyTable(name, tuple(r for t in tables for r in t.rules), tuple(i for t in tables for i in t.ignore))
-
     # -- queries
-    @property
-    def ours_keys(self) -> list[str]:
-        return [r.ours for r in self.rules]
-
     @property
     def theirs_keys(self) -> list[str]:
         return [t for r in self.rules for t in r.theirs]
@@ -174,7 +170,9 @@ class KeyTable:
         missing = [k for k in self._by_ours if k not in ours]
         unexpected = [k for k in ours if k not in self._by_ours]
         if missing or unexpected:
-            raise CheckpointError(_describe(f"{source} does not match minisd's side of {self.name}", missing, unexpected, []))
+            raise CheckpointError(
+                _describe(f"{source} does not match minisd's side of {self.name}", missing, unexpected, [])
+            )
         out: dict[str, torch.Tensor] = {}
         for r in self.rules:
             _, inverse = TRANSFORMS[r.transform]

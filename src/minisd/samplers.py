@@ -1,45 +1,13 @@
-"""Samplers, as pure functions over a denoiser.
+"""Samplers, as pure functions over a denoiser (k-diffusion's convention).
 
-The U-Net is wrapped as a denoiser D(x, sigma, **cond) -> x0 estimate (Karras et al.
-2022, "EDM"; `minisd.denoisers`, with classifier-free guidance), and every sampler is a function
+    sample_x(denoiser, x, sigmas, *, generator=None, callback=None, **options) -> x
 
-    sample_x(denoiser, x, sigmas, *, generator=None, callback=None, ...) -> x
-
-over a decreasing fp32 sigma array (see `minisd.schedules`). x is in the
-variance-exploding form x = x0 + sigma * n (k-diffusion's convention). There is no
-scheduler object and no step counter: the whole state of a sampler is local to its
-loop. Tensor arithmetic happens in x's dtype (pass fp32 latents); the scalar step
-coefficients are computed in Python floats from the fp32 sigmas; only the model's
-input and output are cast (`DiscreteDenoiser.model_dtype`).
-
-Callbacks: `callback({"i", "x", "sigma", "sigma_next", "denoised"})` runs once per
-step, after the first denoiser call of step i (x is the state at `sigma`). To cancel,
-return `False`: the sampler stops and returns that step's `denoised`, the current
-estimate of the clean sample (sigma = 0). An exception raised in the callback
-propagates unchanged.
-
-Named samplers (`SAMPLERS`, `plan_sampler`) reproduce these diffusers schedulers,
-each built on the official SD scheduler config (beta_start=0.00085, beta_end=0.012,
-beta_schedule="scaled_linear", num_train_timesteps=1000, steps_offset=1,
-timestep_spacing="leading", clip_sample=False, set_alpha_to_one=False, and the
-model's prediction_type):
-
-    minisd name             diffusers scheduler (extra config)
-    ddim                    DDIMScheduler  (step(eta=...) <-> sample_ddim(eta=...); ends at sigma(t=0))
-    euler                   EulerDiscreteScheduler
-    euler_a                 EulerAncestralDiscreteScheduler
-    heun                    HeunDiscreteScheduler
-    lms                     LMSDiscreteScheduler  (step order 4)
-    dpmpp_2m                DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=2)
-    dpmpp_2m_sde            DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++", solver_order=2)
-    dpmpp_sde               DPMSolverSDEScheduler  (its noise comes from a seeded torchsde Brownian tree;
-                            minisd's default noise has the same law, and the tree passed as
-                            sample_dpmpp_sde(noise_sampler=...) reproduces a run, see the tests)
-    <name>_karras           the same with use_karras_sigmas=True
-                            (euler, heun, lms, dpmpp_2m, dpmpp_2m_sde, dpmpp_sde)
-    <name>_exponential      the same with use_exponential_sigmas=True   (euler, heun, lms, dpmpp_sde)
-
-tests/test_samplers.py checks each against diffusers step by step.
+x = x0 + sigma * n in the variance-exploding form; sigmas is a decreasing fp32 schedule
+(`minisd.schedules`); the denoiser is D(x, sigma) (`minisd.denoisers`). There is no
+scheduler object: a sampler's whole state is local to its loop. `SAMPLERS` names each
+sampler after the diffusers scheduler it reproduces, and `plan_sampler` sets one up.
+The conventions (dtypes, the callback contract), the table of names and the update
+equations are in docs/samplers.md.
 """
 
 from __future__ import annotations
@@ -50,16 +18,13 @@ from dataclasses import dataclass
 
 import torch
 
+from minisd import compat
 from minisd.denoisers import Denoiser
-from minisd.schedules import (
-    DiscreteSchedule,
-    discrete_sigmas,
-    exponential_sigmas,
-    init_noise_sigma,
-    karras_sigmas,
-)
+from minisd.schedules import DiscreteSchedule, discrete_sigmas, exponential_sigmas, karras_sigmas
 
-Callback = Callable[[dict], bool | None]  # return False to stop
+# callback({"i", "x", "sigma", "sigma_next", "denoised"}) once per step, after its first denoiser
+# call; returning False stops the sampler, which returns that step's "denoised" (docs/samplers.md).
+Callback = Callable[[dict], bool | None]
 Sampler = Callable[..., torch.Tensor]
 NoiseSampler = Callable[[float, float], torch.Tensor]  # (sigma, sigma_next) -> N(0, 1) noise shaped like x
 
@@ -476,46 +441,45 @@ def sample_dpmpp_sde(
 
 
 # ----------------------------------------------------------------------------------
-# Registry: diffusers-like names
+# The table: diffusers-like names
 # ----------------------------------------------------------------------------------
 
-SAMPLERS: dict[str, Sampler] = {
-    "ddim": sample_ddim,
-    "euler": sample_euler,
-    "euler_a": sample_euler_ancestral,
-    "heun": sample_heun,
-    "lms": sample_lms,
-    "dpmpp_2m": sample_dpmpp_2m,
-    "dpmpp_2m_sde": sample_dpmpp_2m_sde,
-    "dpmpp_sde": sample_dpmpp_sde,
-}
 
-# Which of diffusers' timestep formulas each sampler's scheduler uses (schedules.TIMESTEP_FAMILIES).
-_TIMESTEP_FAMILY = {
-    "ddim": "ddim",
-    "euler": "euler",
-    "euler_a": "euler",
-    "heun": "euler",
-    "lms": "euler",
-    "dpmpp_2m": "dpm_solver",
-    "dpmpp_2m_sde": "dpm_solver",
-    "dpmpp_sde": "euler",  # DPMSolverSDEScheduler spaces timesteps (and Karras ranges) as EulerDiscrete
-}
-# Sigma schedules each sampler accepts: the ones its diffusers scheduler supports
-# (EulerAncestral and DDIM have no Karras option; DPMSolverMultistep truncates exponential
-# schedules' fractional timesteps to integers, which minisd does not copy).
-_SIGMA_SCHEDULES = {
-    "ddim": ("discrete",),
-    "euler": ("discrete", "karras", "exponential"),
-    "euler_a": ("discrete",),
-    "heun": ("discrete", "karras", "exponential"),
-    "lms": ("discrete", "karras", "exponential"),
-    "dpmpp_2m": ("discrete", "karras"),
-    "dpmpp_2m_sde": ("discrete", "karras"),
-    "dpmpp_sde": ("discrete", "karras", "exponential"),
+@dataclass(frozen=True)
+class SamplerSpec:
+    """A named sampler: its function and the diffusers scheduler set-up it reproduces."""
+
+    fn: Sampler
+    timestep_rule: str  # which of diffusers' spacing formulas its scheduler uses (`schedules.TIMESTEP_RULES`)
+    sigma_schedules: tuple[str, ...]  # "discrete", and the Karras / exponential options its scheduler has
+    options: tuple[str, ...] = ()  # the keyword options fn takes besides generator and callback
+
+
+# Each entry reproduces a diffusers scheduler on the official SD config (docs/samplers.md).
+# EulerAncestral and DDIM have no Karras option; DPMSolverMultistep truncates exponential
+# schedules' fractional timesteps to integers, which minisd does not copy.
+SAMPLERS: dict[str, SamplerSpec] = {
+    # DDIMScheduler; step(eta=...) <-> eta
+    "ddim": SamplerSpec(sample_ddim, "ddim", ("discrete",), ("eta",)),
+    # EulerDiscreteScheduler
+    "euler": SamplerSpec(sample_euler, "euler", ("discrete", "karras", "exponential")),
+    # EulerAncestralDiscreteScheduler (eta = 1)
+    "euler_a": SamplerSpec(sample_euler_ancestral, "euler", ("discrete",), ("eta",)),
+    # HeunDiscreteScheduler
+    "heun": SamplerSpec(sample_heun, "euler", ("discrete", "karras", "exponential")),
+    # LMSDiscreteScheduler, step order 4
+    "lms": SamplerSpec(sample_lms, "euler", ("discrete", "karras", "exponential"), ("order",)),
+    # DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=2)
+    "dpmpp_2m": SamplerSpec(sample_dpmpp_2m, "dpm_solver", ("discrete", "karras")),
+    # DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++", solver_order=2) (eta = 1)
+    "dpmpp_2m_sde": SamplerSpec(sample_dpmpp_2m_sde, "dpm_solver", ("discrete", "karras"), ("eta",)),
+    # DPMSolverSDEScheduler (eta = 1; its timesteps and Karras range follow EulerDiscrete's)
+    "dpmpp_sde": SamplerSpec(
+        sample_dpmpp_sde, "euler", ("discrete", "karras", "exponential"), ("eta", "s_noise", "r", "noise_sampler")
+    ),
 }
 SAMPLER_NAMES = tuple(
-    base if kind == "discrete" else f"{base}_{kind}" for base, kinds in _SIGMA_SCHEDULES.items() for kind in kinds
+    base if kind == "discrete" else f"{base}_{kind}" for base, spec in SAMPLERS.items() for kind in spec.sigma_schedules
 )
 
 
@@ -525,9 +489,10 @@ class SamplerPlan:
 
     Build the denoiser with `quantize=plan.quantize`, start from
     x = noise * plan.init_noise_sigma (VE form), and call
-    `plan.sampler(denoiser, x, plan.sigmas, generator=..., callback=...)`. The result is
-    at noise level sigmas[-1]; `schedules.to_variance_preserving(x, sigmas[-1])` is the
-    latent diffusers would decode (identical to x when sigmas[-1] == 0).
+    `plan.run(denoiser, x, plan.sigmas, generator=..., callback=...)` (or a slice of
+    plan.sigmas, for img2img or a refiner split). The result is at noise level
+    sigmas[-1]; `schedules.to_variance_preserving(x, sigmas[-1])` is the latent
+    diffusers would decode (identical to x when sigmas[-1] == 0).
     """
 
     name: str
@@ -535,6 +500,29 @@ class SamplerPlan:
     sigmas: torch.Tensor
     quantize: bool
     init_noise_sigma: float
+    options: dict[str, float]  # the validated keyword options `run` passes to the sampler, e.g. {"eta": 0.5}
+
+    def run(
+        self,
+        denoiser: Denoiser,
+        x: torch.Tensor,
+        sigmas: torch.Tensor,
+        *,
+        generator: torch.Generator | None = None,
+        callback: Callback | None = None,
+    ) -> torch.Tensor:
+        """The sampler over `sigmas`, with the plan's options."""
+        return self.sampler(denoiser, x, sigmas, generator=generator, callback=callback, **self.options)
+
+
+def _split_name(name: str) -> tuple[str, str]:
+    """(base sampler, sigma schedule) of a name: dpmpp_2m_karras -> ("dpmpp_2m", "karras")."""
+    if name not in SAMPLER_NAMES:
+        raise ValueError(f"sampler: expected one of {SAMPLER_NAMES}, got {name!r}")
+    for kind in ("karras", "exponential"):
+        if name.endswith("_" + kind):
+            return name[: -len(kind) - 1], kind
+    return name, "discrete"
 
 
 def plan_sampler(
@@ -544,44 +532,40 @@ def plan_sampler(
     *,
     spacing: str = "leading",
     steps_offset: int = 1,
+    eta: float | None = None,
 ) -> SamplerPlan:
-    """The sampler, sigma schedule and start of diffusers-like sampler `name` (see `SAMPLER_NAMES`).
+    """The sampler, sigma schedule, start and options of diffusers-like sampler `name` (see `SAMPLER_NAMES`).
 
     spacing / steps_offset are diffusers' `timestep_spacing` / `steps_offset`; the
-    defaults are those of the official SD1, SD2 and SDXL scheduler configs. Karras and
-    exponential schedules span, like diffusers, the spaced timesteps' sigmas for the
-    Euler-type schedulers and the whole training table for DPM-Solver.
-
-    DDIM steps between consecutive scheduled timesteps and ends at sigma(t=0)
-    (`set_alpha_to_one=False`). diffusers' DDIMScheduler steps to t - T // steps instead,
-    which is the next timestep for "leading" spacing and for "trailing" when steps
-    divides T, but not otherwise.
+    defaults are those of the official SD1, SD2 and SDXL scheduler configs. `eta`
+    (None: the sampler's default) is allowed for the samplers whose spec lists it.
+    Where diffusers' schedulers make choices of their own (where the schedule ends,
+    the Karras / exponential range, rounded timesteps, the initial scale), `compat`
+    decides.
     """
-    if name not in SAMPLER_NAMES:
-        raise ValueError(f"sampler: expected one of {SAMPLER_NAMES}, got {name!r}")
-    base, kind = name, "discrete"
-    for suffix in ("karras", "exponential"):
-        if name.endswith("_" + suffix):
-            base, kind = name[: -len(suffix) - 1], suffix
-    family = _TIMESTEP_FAMILY[base]
-    final_sigma = "sigma_min" if base == "ddim" else "zero"
+    base, kind = _split_name(name)
+    spec = SAMPLERS[base]
+    options: dict[str, float] = {}
+    if eta is not None:
+        if "eta" not in spec.options:
+            with_eta = ", ".join(n for n in SAMPLER_NAMES if "eta" in SAMPLERS[_split_name(n)[0]].options)
+            raise ValueError(f"eta: sampler {name!r} has no eta (samplers with eta: {with_eta})")
+        if not 0.0 <= eta <= 1.0:
+            raise ValueError(f"eta: expected a value in [0, 1], got {eta}")
+        options["eta"] = float(eta)
+    rule = spec.timestep_rule
     sigmas = discrete_sigmas(
-        schedule, steps, spacing, steps_offset=steps_offset, family=family, final_sigma=final_sigma
+        schedule, steps, spacing, steps_offset=steps_offset, rule=rule, final_sigma=compat.final_sigma(rule)
     )
     if kind != "discrete":
-        if family == "dpm_solver":
-            sigma_min, sigma_max = schedule.sigma_min, schedule.sigma_max
-        else:
-            sigma_min, sigma_max = float(sigmas[-2]), float(sigmas[0])
+        sigma_min, sigma_max = compat.sigma_range(rule, schedule, sigmas)
         make = karras_sigmas if kind == "karras" else exponential_sigmas
         sigmas = make(steps, sigma_min, sigma_max)
-    # diffusers' DDIM / DPM-Solver start from a unit-variance VP latent; its Euler-type
-    # schedulers do so only for "leading" spacing (their `init_noise_sigma`).
-    variance_preserving = family != "euler" or spacing == "leading"
     return SamplerPlan(
         name=name,
-        sampler=SAMPLERS[base],
+        sampler=spec.fn,
         sigmas=sigmas,
-        quantize=family == "dpm_solver" and kind == "karras",
-        init_noise_sigma=init_noise_sigma(sigmas, variance_preserving=variance_preserving),
+        quantize=compat.quantize_timesteps(rule, kind),
+        init_noise_sigma=compat.init_noise_sigma(sigmas, rule, spacing),
+        options=options,
     )

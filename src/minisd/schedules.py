@@ -41,13 +41,15 @@ BETA_START = 0.00085
 BETA_END = 0.012
 
 SPACINGS = ("leading", "linspace", "trailing")
-# diffusers computes the same spacing names with three slightly different formulas:
-# - "euler":      EulerDiscrete, EulerAncestralDiscrete, HeunDiscrete, LMSDiscrete
-#                 ("linspace" keeps fractional timesteps);
+# Timestep rules: diffusers computes the same spacing names with three slightly
+# different formulas, one per group of schedulers (`samplers.SAMPLERS` says which
+# sampler follows which):
+# - "euler":      EulerDiscrete, EulerAncestralDiscrete, HeunDiscrete, LMSDiscrete,
+#                 DPMSolverSDE ("linspace" keeps fractional timesteps);
 # - "ddim":       DDIM, PNDM ("linspace" is rounded to integers);
 # - "dpm_solver": DPMSolverMultistep ("linspace" and "leading" lay out steps + 1
 #                 timesteps and drop the last, the one nearest t = 0).
-TIMESTEP_FAMILIES = ("euler", "ddim", "dpm_solver")
+TIMESTEP_RULES = ("euler", "ddim", "dpm_solver")
 FINAL_SIGMAS = ("zero", "sigma_min")
 
 # diffusers' stand-in for the terminal alphabar of a zero-terminal-SNR schedule, which
@@ -209,7 +211,7 @@ def discrete_timesteps(
     *,
     steps_offset: int = 1,
     num_train_timesteps: int = NUM_TRAIN_TIMESTEPS,
-    family: str = "euler",
+    rule: str = "euler",
 ) -> torch.Tensor:
     """The `steps` decreasing timesteps diffusers' `set_timesteps` picks, float64.
 
@@ -219,23 +221,23 @@ def discrete_timesteps(
       - "linspace": `linspace(0, T-1, steps)` reversed ("euler" keeps it fractional,
                     "ddim" rounds it).
       - "trailing": `round(arange(T, 0, -T/steps)) - 1`.
-    family: which diffusers formula variant, see `TIMESTEP_FAMILIES` ("dpm_solver" lays
+    rule: which diffusers formula variant, see `TIMESTEP_RULES` ("dpm_solver" lays
     out steps + 1 points for "linspace"/"leading" and drops the one nearest 0).
     The arithmetic is numpy's, as in diffusers, so the rounding is identical.
     """
     _check_steps(steps, num_train_timesteps)
     if spacing not in SPACINGS:
         raise ValueError(f"spacing: expected one of {SPACINGS}, got {spacing!r}")
-    if family not in TIMESTEP_FAMILIES:
-        raise ValueError(f"family: expected one of {TIMESTEP_FAMILIES}, got {family!r}")
+    if rule not in TIMESTEP_RULES:
+        raise ValueError(f"rule: expected one of {TIMESTEP_RULES}, got {rule!r}")
     T = num_train_timesteps
-    if family == "dpm_solver" and spacing != "trailing":
+    if rule == "dpm_solver" and spacing != "trailing":
         # DPMSolverMultistepScheduler.set_timesteps: steps + 1 points, the last dropped.
         if spacing == "linspace":
             t = np.linspace(0, T - 1, steps + 1).round()[::-1][:-1]
         else:
             t = (np.arange(0, steps + 1) * (T // (steps + 1))).round()[::-1][:-1] + steps_offset
-    elif spacing == "linspace" and family == "ddim":
+    elif spacing == "linspace" and rule == "ddim":
         t = np.linspace(0, T - 1, steps).round()[::-1]
     elif spacing == "linspace":
         # Euler-type schedulers keep these fp32 and fractional (`dtype=np.float32`).
@@ -266,7 +268,7 @@ def discrete_sigmas(
     spacing: str = "leading",
     *,
     steps_offset: int = 1,
-    family: str = "euler",
+    rule: str = "euler",
     final_sigma: str = "zero",
 ) -> torch.Tensor:
     """The model's own noise levels at `discrete_timesteps(...)`, then the final sigma.
@@ -279,10 +281,10 @@ def discrete_sigmas(
 
     final_sigma: "zero" (the sampler ends on the clean sample) or "sigma_min" (it ends
     at sigma_0 = sigma(t=0); DDIM with `set_alpha_to_one=False`, as the official SD
-    configs and LDM's DDIM sampler do).
+    configs and LDM's DDIM sampler do, see `compat.final_sigma`).
     """
     t = discrete_timesteps(
-        steps, spacing, steps_offset=steps_offset, num_train_timesteps=schedule.num_train_timesteps, family=family
+        steps, spacing, steps_offset=steps_offset, num_train_timesteps=schedule.num_train_timesteps, rule=rule
     )
     final = _final_sigma(schedule, final_sigma)
     if final_sigma == "sigma_min" and t[-1] == 0:
@@ -327,13 +329,12 @@ def from_variance_preserving(x_vp: torch.Tensor, sigma: float) -> torch.Tensor:
 def init_noise_sigma(sigmas: torch.Tensor, *, variance_preserving: bool) -> float:
     """Scale of the first latent, x = noise * init_noise_sigma, in the VE form.
 
-    - `variance_preserving=True`: sqrt(sigma_0^2 + 1). diffusers' DDIM, PNDM and
-      DPM-Solver start from a unit-variance VP latent (their `init_noise_sigma` is 1),
-      and its Euler/Heun/LMS schedulers multiply by sqrt(sigma_max^2 + 1) with
-      "leading" spacing. It is the true standard deviation of x at sigma_0 when the
-      data has unit variance.
-    - `variance_preserving=False`: sigma_0 (k-diffusion; diffusers' Euler/Heun/LMS
-      with "linspace" or "trailing" spacing).
+    - `variance_preserving=True`: sqrt(sigma_0^2 + 1), the start of a unit-variance
+      VP latent (sgm, ComfyUI). It is the true standard deviation of x at sigma_0
+      when the data has unit variance.
+    - `variance_preserving=False`: sigma_0 (k-diffusion, A1111).
+
+    Which one a diffusers scheduler uses is `compat.init_noise_sigma`.
     """
     sigma_0 = float(sigmas[0])
     return math.sqrt(sigma_0**2 + 1) if variance_preserving else sigma_0

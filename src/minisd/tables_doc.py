@@ -13,14 +13,13 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import OFFICIAL_IGNORES
-from .clip import CLIP_VIT_L14, OPENCLIP_VIT_BIGG14, hf_table, open_clip_table
+from .clip import CLIP_VIT_L14, OPENCLIP_VIT_BIGG14
+from .diffusers_format import unet_table, vae_table
 from .families import FAMILIES, UNET_PREFIX, VAE_PREFIX
 from .keymap import KeyTable
+from .layouts import OFFICIAL_IGNORES, hf_table, open_clip_table
 from .unet import SD1_UNET, SDXL_BASE_UNET, UNetModel
-from .unet import diffusers_table as unet_table
 from .vae import SD_VAE, AutoencoderKL
-from .vae import diffusers_table as vae_table
 
 
 def _shapes(module: torch.nn.Module) -> dict[str, tuple[int, ...]]:
@@ -44,23 +43,38 @@ def documents() -> dict[str, str]:
     with torch.device("meta"):
         sd1, xl, vae = UNetModel(SD1_UNET), UNetModel(SDXL_BASE_UNET), AutoencoderKL(SD_VAE)
     docs = {
-        "unet-sd1-diffusers.md": render(unet_table(SD1_UNET), "SD1.5 U-Net: official <- diffusers",
-                                        "Official names without `model.diffusion_model.`; diffusers' `unet/` folder.", _shapes(sd1)),
-        "unet-sdxl-diffusers.md": render(unet_table(SDXL_BASE_UNET), "SDXL base U-Net: official <- diffusers",
-                                         "Official names without `model.diffusion_model.`; diffusers' `unet/` folder.", _shapes(xl)),
-        "vae-diffusers.md": render(vae_table(SD_VAE), "VAE: official <- diffusers",
-                                   "Official names without `first_stage_model.`; diffusers' `vae/` folder. "
-                                   "The official decoder's `up.N` is diffusers' `up_blocks.{3-N}`.", _shapes(vae)),
-        "clip-l-hf.md": render(hf_table(CLIP_VIT_L14), "CLIP ViT-L/14: open_clip names <- transformers",
-                               "SD1 files at `cond_stage_model.transformer.`, SDXL at `conditioner.embedders.0.transformer.`, "
-                               "diffusers at `text_encoder/`. q/k/v are fused into open_clip's `in_proj`."),
-        "openclip-bigg-hf.md": render(hf_table(OPENCLIP_VIT_BIGG14), "OpenCLIP ViT-bigG/14: open_clip names <- transformers",
-                                      "diffusers' `text_encoder_2/` (CLIPTextModelWithProjection); `text_projection` is transposed."),
-        "openclip-bigg-open_clip.md": render(open_clip_table(OPENCLIP_VIT_BIGG14), "OpenCLIP ViT-bigG/14: official layout",
-                                             "SDXL files at `conditioner.embedders.1.model.` (refiner: `embedders.0`): a prefix strip."),
+        "unet-sd1-diffusers.md": render(
+            unet_table(SD1_UNET), "SD1.5 U-Net: official <- diffusers",
+            "Official names without `model.diffusion_model.`; diffusers' `unet/` folder.", _shapes(sd1),
+        ),
+        "unet-sdxl-diffusers.md": render(
+            unet_table(SDXL_BASE_UNET), "SDXL base U-Net: official <- diffusers",
+            "Official names without `model.diffusion_model.`; diffusers' `unet/` folder.", _shapes(xl),
+        ),
+        "vae-diffusers.md": render(
+            vae_table(SD_VAE), "VAE: official <- diffusers",
+            "Official names without `first_stage_model.`; diffusers' `vae/` folder. "
+            "The official decoder's `up.N` is diffusers' `up_blocks.{3-N}`.", _shapes(vae),
+        ),
+        "clip-l-hf.md": render(
+            hf_table(CLIP_VIT_L14), "CLIP ViT-L/14: open_clip names <- transformers",
+            "SD1 files at `cond_stage_model.transformer.`, SDXL at `conditioner.embedders.0.transformer.`, "
+            "diffusers at `text_encoder/`. q/k/v are fused into open_clip's `in_proj`.",
+        ),
+        "openclip-bigg-hf.md": render(
+            hf_table(OPENCLIP_VIT_BIGG14), "OpenCLIP ViT-bigG/14: open_clip names <- transformers",
+            "diffusers' `text_encoder_2/` (CLIPTextModelWithProjection); `text_projection` is transposed.",
+        ),
+        "openclip-bigg-open_clip.md": render(
+            open_clip_table(OPENCLIP_VIT_BIGG14), "OpenCLIP ViT-bigG/14: official layout",
+            "SDXL files at `conditioner.embedders.1.model.` (refiner: `embedders.0`): a prefix strip.",
+        ),
     }
-    prefixes = ["# Where each component sits", "", "| family | U-Net | VAE | text encoders (official prefix, layout -> diffusers folder) |",
-                "|---|---|---|---|"]
+    prefixes = [
+        "# Where each component sits", "",
+        "| family | U-Net | VAE | text encoders (official prefix, layout -> diffusers folder) |",
+        "|---|---|---|---|",
+    ]
     for f in FAMILIES.values():
         texts = "<br>".join(f"`{t.official_prefix}` ({t.layout}) -> `{t.diffusers_folder}/`" for t in f.text)
         prefixes.append(f"| {f.name} | `{UNET_PREFIX}` | `{VAE_PREFIX}` | {texts} |")

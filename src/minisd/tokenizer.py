@@ -3,58 +3,12 @@
 Every text encoder of SD1, SD2 and SDXL reads token ids made by the tokenizer
 of CLIP (Radford et al. 2021), openai/CLIP `clip/simple_tokenizer.py`, which
 open_clip copies as `open_clip/tokenizer.py::SimpleTokenizer`. The vocabulary
-is the public `bpe_simple_vocab_16e6.txt.gz` (sha256 924691ac...), shipped in
-`minisd/data/` and read with importlib.resources (no network).
+is the public `bpe_simple_vocab_16e6.txt.gz`, shipped in `minisd/data/` (no
+network). This module is the one home of the vocabulary's constants
+(`SOT_TOKEN_ID`, `EOT_TOKEN_ID`, `VOCAB_SIZE`, `NUM_MERGES`).
 
-Encoding one text (`CLIPTokenizer.encode`), as `SimpleTokenizer.encode` does:
-
-1. Clean (`basic_clean`, `whitespace_clean`): `ftfy.fix_text` (mojibake such as
-   "Ã©" -> "é", curly quotes -> straight, ligatures and full-width letters,
-   NFC, control characters removed), then `html.unescape` twice ("&amp;lt;" ->
-   "<"), runs of `\\s` collapsed to one space, strip, lowercase.
-2. Pre-tokenize with the regex `_PATTERN` (`regex` module, IGNORECASE): the two
-   special tokens, the English contractions 's 't 're 've 'm 'll 'd, runs of
-   letters, single digits, runs of other non-space characters. Spaces vanish.
-3. Map each piece's UTF-8 bytes to printable characters (`bytes_to_unicode`,
-   GPT-2's table), so BPE never sees whitespace or control bytes.
-4. BPE (Sennrich et al. 2016) per piece: start from its characters with
-   "</w>" glued to the last one; repeatedly merge, everywhere and left to
-   right, the adjacent pair of lowest rank among the first 49152-256-2 lines of
-   the merges file; stop when no adjacent pair has a rank.
-5. Look the symbols up in the vocabulary: 256 byte characters, the same with
-   "</w>", one entry per merge (the pair joined), `<|startoftext|>` = 49406 and
-   `<|endoftext|>` = 49407: 49408 entries. A piece that *is* a special token
-   (the literal text "<|endoftext|>") becomes that id, as in openai/CLIP.
-
-A batch (`__call__`) is `[sot] + ids + [eot]` per text; longer than
-`context_length` it keeps the first `context_length` ids and sets the last to
-eot (openai/CLIP `clip.tokenize(truncate=True)`, open_clip `SimpleTokenizer.
-__call__`; HF's `truncation=True, max_length=77` keeps the same sot + 75 + eot).
-The rest is padding: SD1's HF CLIP-L pads with eot (49407), OpenCLIP (SD2,
-SDXL's bigG) with 0 (`open_clip.tokenize` fills zeros).
-
-Where the references disagree (checked in tests/test_tokenizer.py):
-- open_clip renames the special tokens `<start_of_text>` / `<end_of_text>` (same
-  ids), so only *its* spellings are special inside a text. minisd follows
-  openai/CLIP: the literal text "<|endoftext|>" is the eot token (HF agrees).
-- open_clip collapses whitespace with `str.split`, openai/CLIP with regex `\\s+`.
-  They differ only on U+001C..U+001F, which ftfy has already removed.
-- transformers 5.23's `CLIPTokenizer` is a `tokenizers`-backed (Rust) class whose
-  normaliser is only NFC, `\\s+` -> " ", lowercase: no ftfy, no HTML unescape.
-  It therefore differs on HTML entities, mojibake, curly quotes, ligatures,
-  full-width letters and control characters; its per-character lowercase also
-  misses Python's final sigma ("ΣΑΣ" -> "σασ", not "σας"), and its pattern is
-  case-sensitive ("it'ſ": the long s folds to "s" only under IGNORECASE). minisd
-  follows the original (openai/CLIP), which is also what open_clip does.
-- The diffusers configs of SD2 and SDXL's `tokenizer_2` pad with the token "!"
-  (id 0), which makes transformers split every "!" out before BPE ("wow!!" ->
-  0, 0, not "!!"; diffusers issue #4153). minisd pads by id (`pad_token_id=0`)
-  and tokenizes "!" as open_clip, the tokenizer those models were trained with.
-
-`decode` is the original's: concatenate the symbols, bytes back to text with
-errors="replace", "</w>" -> " " (so words come back followed by one space). It
-drops the special ids (sot, eot, and so SD1's eot padding); a row padded with
-0 must be cut at `eot_index` first, because 0 is the ordinary token "!".
+See docs/tokenizer.md for the encoding steps, padding and truncation, and where
+the reference tokenizers disagree.
 """
 
 from __future__ import annotations
@@ -78,6 +32,9 @@ END_OF_WORD = "</w>"
 # byte symbols and the 2 special tokens that makes 49408 vocabulary entries.
 NUM_MERGES = 49152 - 256 - 2
 VOCAB_SIZE = 2 * 256 + NUM_MERGES + 2
+# The special tokens are the last two entries (so EOT is the largest id: open_clip pools at argmax).
+SOT_TOKEN_ID = VOCAB_SIZE - 2  # 49406, <|startoftext|>
+EOT_TOKEN_ID = VOCAB_SIZE - 1  # 49407, <|endoftext|>: ends every text; SD1's CLIP-L pads with it too
 
 # openai/CLIP simple_tokenizer.py `self.pat`, character for character.
 _PATTERN = regex.compile(
@@ -127,25 +84,23 @@ class CLIPTokenizer:
     `pad_token_id` is 49407 (eot) for SD1's CLIP ViT-L/14 and SDXL's first encoder,
     0 for the OpenCLIP encoders of SD2 and SDXL."""
 
-    sot_token_id = VOCAB_SIZE - 2  # 49406
-    eot_token_id = VOCAB_SIZE - 1  # 49407
+    sot_token_id = SOT_TOKEN_ID
+    eot_token_id = EOT_TOKEN_ID
 
     def __init__(
         self,
         vocab_path: str | os.PathLike[str] | None = None,
         *,
         context_length: int = 77,
-        pad_token_id: int = 49407,
+        pad_token_id: int = EOT_TOKEN_ID,
     ) -> None:
         self.context_length = self._check_context_length(context_length)
         self.pad_token_id = self._check_pad(pad_token_id)
-        merges = _read_merges(vocab_path)
+        merges = read_merges(vocab_path)
 
         self._byte_encoder = bytes_to_unicode()
         self._byte_decoder = {c: b for b, c in self._byte_encoder.items()}
-        # Vocabulary order of openai/CLIP: bytes, bytes + "</w>", merges, specials.
-        symbols = list(self._byte_encoder.values())
-        vocab = symbols + [s + END_OF_WORD for s in symbols] + ["".join(m) for m in merges] + [SOT_TOKEN, EOT_TOKEN]
+        vocab = vocabulary(merges)
         self._encoder = {token: i for i, token in enumerate(vocab)}
         self._decoder = vocab
         self._ranks = {pair: rank for rank, pair in enumerate(merges)}
@@ -258,8 +213,16 @@ class CLIPTokenizer:
         return pad_token_id
 
 
-def _read_merges(vocab_path: str | os.PathLike[str] | None) -> list[tuple[str, str]]:
-    """The first NUM_MERGES merge rules (line 0 is a version header)."""
+def vocabulary(merges: Sequence[tuple[str, str]]) -> list[str]:
+    """The token of each id, in openai/CLIP's order: the 256 byte characters, the same
+    with "</w>", one token per merge (the pair joined), then `SOT_TOKEN`, `EOT_TOKEN`."""
+    symbols = list(bytes_to_unicode().values())
+    return symbols + [s + END_OF_WORD for s in symbols] + ["".join(m) for m in merges] + [SOT_TOKEN, EOT_TOKEN]
+
+
+def read_merges(vocab_path: str | os.PathLike[str] | None = None) -> list[tuple[str, str]]:
+    """The first NUM_MERGES merge rules of a BPE vocabulary file (line 0 is a version header);
+    by default of the shipped `bpe_simple_vocab_16e6.txt.gz`."""
     if vocab_path is None:
         resource = importlib.resources.files("minisd") / "data" / "bpe_simple_vocab_16e6.txt.gz"
         with resource.open("rb") as f:

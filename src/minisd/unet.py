@@ -1,50 +1,15 @@
 """The denoising U-Net of Stable Diffusion v1/v2 and SDXL: the LDM/sgm `UNetModel`.
 
-One network serves every model: an encoder of ResBlocks and SpatialTransformers
-at several resolutions ("levels"), a middle block, and a decoder that
-concatenates the encoder's activations (the skip connections) back in
+An encoder of ResBlocks and SpatialTransformers at several resolutions, a middle
+block, and a decoder that concatenates the encoder's activations back in
 (Ronneberger et al. 2015; Rombach et al. 2022, sec. 3.3; Podell et al. 2023 for
 SDXL). It reproduces `sgm/modules/diffusionmodules/openaimodel.py` and
 `sgm/modules/attention.py` (and the identical `ldm/` files of SD1/SD2).
 
 Module names copy the official single-file checkpoints without the
 `model.diffusion_model.` prefix, so an official file loads by a prefix strip.
-The indices of `input_blocks[n]` / `output_blocks[n]` are opaque; here is what
-they hold (Res = ResBlock in->out, ST = SpatialTransformer (depth), sizes for a
-512 px SD1.5 image = 64x64 latents, and a 1024 px SDXL image = 128x128 latents):
-
-    n | SD1.5 input_blocks             | SDXL base input_blocks
-    0 | conv_in 4->320 (64)            | conv_in 4->320 (128)
-    1 | Res 320->320 + ST              | Res 320->320
-    2 | Res 320->320 + ST              | Res 320->320
-    3 | Downsample 320 (32)            | Downsample 320 (64)
-    4 | Res 320->640 + ST              | Res 320->640 + ST(2)
-    5 | Res 640->640 + ST              | Res 640->640 + ST(2)
-    6 | Downsample 640 (16)            | Downsample 640 (32)
-    7 | Res 640->1280 + ST             | Res 640->1280 + ST(10)
-    8 | Res 1280->1280 + ST            | Res 1280->1280 + ST(10)
-    9 | Downsample 1280 (8)            |
-   10 | Res 1280->1280                 |
-   11 | Res 1280->1280                 |
-  middle_block: Res, ST, Res at 1280 (SD1.5: ST(1); SDXL: ST(10))
-
-    n | SD1.5 output_blocks            | SDXL base output_blocks
-    0 | Res 2560->1280                 | Res 2560->1280 + ST(10)
-    1 | Res 2560->1280                 | Res 2560->1280 + ST(10)
-    2 | Res 2560->1280 + Up (16)       | Res 1920->1280 + ST(10) + Up (64)
-    3 | Res 2560->1280 + ST            | Res 1920->640 + ST(2)
-    4 | Res 2560->1280 + ST            | Res 1280->640 + ST(2)
-    5 | Res 1920->1280 + ST + Up (32) | Res 960->640 + ST(2) + Up (128)
-    6 | Res 1920->640 + ST             | Res 960->320
-    7 | Res 1280->640 + ST             | Res 640->320
-    8 | Res 960->640 + ST + Up (64)    | Res 640->320
-    9 | Res 960->320 + ST              |
-   10 | Res 640->320 + ST              |
-   11 | Res 640->320 + ST              |
-  out: GroupNorm, SiLU, conv 320->4 (SD1.5 heads: 8 everywhere; SDXL: width / 64)
-
-`output_blocks[m]` takes `input_blocks[len - 1 - m]`'s output as its skip
-connection (the ResBlock's input width is current + skip channels).
+`block_plan` says what the opaque `input_blocks[n]` / `output_blocks[n]` hold;
+see docs/unet.md for the block table of SD1.5 and SDXL.
 """
 
 from __future__ import annotations
@@ -59,7 +24,6 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from minisd.attention import attention
-from minisd.keymap import KeyTable, Rule
 
 
 # --------------------------------------------------------------------------- config
@@ -160,45 +124,64 @@ SDXL_REFINER_UNET = UNetConfig(
 
 # --------------------------------------------------------------------------- layout
 @dataclass(frozen=True)
-class _Block:
-    """The plan of one `input_blocks[n]` / `output_blocks[n]` (see the module docstring).
+class Block:
+    """What one `input_blocks[n]` (n >= 1) or `output_blocks[n]` holds.
 
-    Both `UNetModel.__init__` and `diffusers_table` read this plan, so the
-    modules and the key table cannot disagree."""
+    A ResBlock `ch_in -> ch_out` (key `.0`), then a SpatialTransformer of
+    `UNetConfig.depths[level]` blocks when `attn` (`.1`), then an Upsample when `up`
+    (`.2`, or `.1` without attention); or, when `down`, only a Downsample (`.0.op`)."""
 
-    level: int  # index into channel_mult
+    level: int  # index into channel_mult: the block runs at 1 / 2**level of the latent size
     index: int  # position within the level (diffusers' `resnets.{index}` / `attentions.{index}`)
-    ch_in: int  # ResBlock input width (decoder: current + skip channels)
-    ch_out: int
+    ch_in: int  # ResBlock input width (decoder: current + skip channels); a Downsample's width
+    ch_out: int  # ResBlock output width (= ch_in for a Downsample)
     attn: bool = False  # a SpatialTransformer follows the ResBlock
     down: bool = False  # the block is a lone Downsample (encoder, end of a level)
     up: bool = False  # the block ends with an Upsample (decoder, end of a level)
 
 
-def _plan(cfg: UNetConfig) -> tuple[list[_Block], list[_Block]]:
-    """The encoder blocks `input_blocks[1:]` and the decoder blocks `output_blocks`,
-    in the loop order of openaimodel.UNetModel.__init__."""
+@dataclass(frozen=True)
+class UNetPlan:
+    """The blocks of a U-Net, in the loop order of openaimodel.UNetModel.__init__."""
+
+    inputs: tuple[Block, ...]  # input_blocks[1:] (input_blocks[0] is conv_in, model_channels wide)
+    outputs: tuple[Block, ...]  # output_blocks[0:]
+    middle_channels: int  # width of middle_block: ResBlock, SpatialTransformer, ResBlock
+
+
+def block_plan(cfg: UNetConfig) -> UNetPlan:
+    """The block plan of `cfg`. `UNetModel.__init__` and the diffusers key table
+    (`diffusers_format.unet_table`) are both generated from it, so the modules and
+    the table cannot disagree. For SD1.5 (n: kind, level; docs/unet.md has the widths):
+
+        input_blocks   0 conv_in | 1-2 Res+ST L0 | 3 Down | 4-5 Res+ST L1 | 6 Down
+                       7-8 Res+ST L2 | 9 Down | 10-11 Res L3
+        output_blocks  0-2 Res L3, Up | 3-5 Res+ST L2, Up | 6-8 Res+ST L1, Up | 9-11 Res+ST L0
+
+    "Up" marks the last block of a level. `output_blocks[m]` takes
+    `input_blocks[len - 1 - m]`'s output as its skip connection."""
     mc, last = cfg.model_channels, len(cfg.channel_mult) - 1
-    inputs: list[_Block] = []
+    inputs: list[Block] = []
     skips = [mc]  # widths of everything the encoder pushes (input_blocks.0 is conv_in)
     ch = mc
     for level, mult in enumerate(cfg.channel_mult):
         attn = 2**level in cfg.attention_resolutions
         for i in range(cfg.num_res_blocks):
-            inputs.append(_Block(level, i, ch, mult * mc, attn=attn))
+            inputs.append(Block(level, i, ch, mult * mc, attn=attn))
             ch = mult * mc
             skips.append(ch)
         if level != last:
-            inputs.append(_Block(level, 0, ch, ch, down=True))
+            inputs.append(Block(level, 0, ch, ch, down=True))
             skips.append(ch)
-    outputs: list[_Block] = []
+    middle = ch
+    outputs: list[Block] = []
     for level in reversed(range(len(cfg.channel_mult))):
         attn = 2**level in cfg.attention_resolutions
         for i in range(cfg.num_res_blocks + 1):
             out = cfg.channel_mult[level] * mc
-            outputs.append(_Block(level, i, ch + skips.pop(), out, attn=attn, up=level > 0 and i == cfg.num_res_blocks))
+            outputs.append(Block(level, i, ch + skips.pop(), out, attn=attn, up=level > 0 and i == cfg.num_res_blocks))
             ch = out
-    return inputs, outputs
+    return UNetPlan(tuple(inputs), tuple(outputs), middle)
 
 
 # --------------------------------------------------------------------------- layers
@@ -430,7 +413,7 @@ class UNetModel(nn.Module):
                 nn.Sequential(nn.Linear(config.adm_in_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
             )
 
-        def block(b: _Block) -> TimestepEmbedSequential:
+        def block(b: Block) -> TimestepEmbedSequential:
             if b.down:
                 return TimestepEmbedSequential(Downsample(b.ch_in))
             layers: list[nn.Module] = [ResBlock(b.ch_in, emb_dim, b.ch_out)]
@@ -440,14 +423,14 @@ class UNetModel(nn.Module):
                 layers.append(Upsample(b.ch_out))
             return TimestepEmbedSequential(*layers)
 
-        inputs, outputs = _plan(config)
+        plan = block_plan(config)
         conv_in = TimestepEmbedSequential(nn.Conv2d(config.in_channels, mc, 3, padding=1))
-        self.input_blocks = nn.ModuleList([conv_in] + [block(b) for b in inputs])
-        ch = mc * config.channel_mult[-1]
+        self.input_blocks = nn.ModuleList([conv_in] + [block(b) for b in plan.inputs])
+        ch = plan.middle_channels
         self.middle_block = TimestepEmbedSequential(
             ResBlock(ch, emb_dim, ch), self._transformer(ch, config.middle_depth), ResBlock(ch, emb_dim, ch)
         )
-        self.output_blocks = nn.ModuleList([block(b) for b in outputs])
+        self.output_blocks = nn.ModuleList([block(b) for b in plan.outputs])
         self.out = nn.Sequential(GroupNorm32(32, mc), nn.SiLU(), nn.Conv2d(mc, config.out_channels, 3, padding=1))
 
     def _transformer(self, ch: int, depth: int) -> SpatialTransformer:
@@ -526,7 +509,9 @@ class UNetModel(nn.Module):
             )
         weight_dtype = self.input_blocks[0][0].weight.dtype
         if x.dtype != weight_dtype and not torch.is_autocast_enabled(x.device.type):
-            raise ValueError(f"UNetModel: x is {x.dtype} but the weights are {weight_dtype}; cast x to the model's dtype")
+            raise ValueError(
+                f"UNetModel: x is {x.dtype} but the weights are {weight_dtype}; cast x to the model's dtype"
+            )
         b, _, height, width = x.shape
         if height % cfg.downsample_factor or width % cfg.downsample_factor:
             raise ValueError(
@@ -546,74 +531,3 @@ class UNetModel(nn.Module):
             got = None if y is None else tuple(y.shape)
             raise ValueError(f"UNetModel: y must be (B, adm_in_channels) = ({b}, {adm}), got {got}")
         return timesteps
-
-
-# --------------------------------------------------------------------------- diffusers layout
-# ResBlock submodules -> diffusers ResnetBlock2D (convert_ldm_unet_checkpoint's renames).
-_RESBLOCK_TO_DIFFUSERS = {
-    "in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
-    "out_layers.0": "norm2", "out_layers.3": "conv2", "skip_connection": "conv_shortcut",
-}
-
-
-def diffusers_table(config: UNetConfig) -> KeyTable:
-    """Diffusers `UNet2DConditionModel` state-dict names (theirs) <-> the official names (ours).
-
-    Generated from the block plan: `input_blocks.{n}` of level l, position i ->
-    `down_blocks.{l}.resnets.{i}` / `.attentions.{i}` / `.downsamplers.0`;
-    `output_blocks.{m}` -> `up_blocks.{L-1-l}...` (diffusers counts up blocks from
-    the bottom); the transformers keep their inner names. Every tensor has the
-    same shape in both layouts: SD1's 1x1-conv `proj_in`/`proj_out` are 1x1
-    convs in diffusers too (`use_linear_projection=False`), so no transform is
-    needed."""
-    homes: list[tuple[str, str]] = [  # (our module, their module)
-        ("time_embed.0", "time_embedding.linear_1"),
-        ("time_embed.2", "time_embedding.linear_2"),
-        ("input_blocks.0.0", "conv_in"),
-        ("out.0", "conv_norm_out"),
-        ("out.2", "conv_out"),
-    ]
-    if config.adm_in_channels is not None:
-        # diffusers' create_unet_diffusers_config_from_ldm: SDXL-like context widths (2048, 1280)
-        # get addition_embed_type="text_time" (`add_embedding`), any other the "projection" class embedding.
-        mlp = "add_embedding" if config.context_dim in (2048, 1280) else "class_embedding"
-        homes += [("label_emb.0.0", f"{mlp}.linear_1"), ("label_emb.0.2", f"{mlp}.linear_2")]
-
-    def resblock(ours: str, theirs: str, b: _Block) -> None:
-        for name, their_name in _RESBLOCK_TO_DIFFUSERS.items():
-            if name != "skip_connection" or b.ch_in != b.ch_out:  # the 1x1 skip exists only then
-                homes.append((f"{ours}.{name}", f"{theirs}.{their_name}"))
-
-    inputs, outputs = _plan(config)
-    for n, b in enumerate(inputs, start=1):
-        down = f"down_blocks.{b.level}"
-        if b.down:
-            homes.append((f"input_blocks.{n}.0.op", f"{down}.downsamplers.0.conv"))
-            continue
-        resblock(f"input_blocks.{n}.0", f"{down}.resnets.{b.index}", b)
-        if b.attn:
-            homes.append((f"input_blocks.{n}.1", f"{down}.attentions.{b.index}"))
-    ch = config.model_channels * config.channel_mult[-1]
-    mid = _Block(len(config.channel_mult) - 1, 0, ch, ch)
-    resblock("middle_block.0", "mid_block.resnets.0", mid)
-    homes.append(("middle_block.1", "mid_block.attentions.0"))
-    resblock("middle_block.2", "mid_block.resnets.1", mid)
-    for m, b in enumerate(outputs):
-        up = f"up_blocks.{len(config.channel_mult) - 1 - b.level}"
-        resblock(f"output_blocks.{m}.0", f"{up}.resnets.{b.index}", b)
-        if b.attn:
-            homes.append((f"output_blocks.{m}.1", f"{up}.attentions.{b.index}"))
-        if b.up:
-            homes.append((f"output_blocks.{m}.{2 if b.attn else 1}.conv", f"{up}.upsamplers.0.conv"))
-
-    # Expand each module pair into its tensors, reading the names off a meta-device model.
-    with torch.device("meta"):
-        model = UNetModel(config)
-    rules = [
-        Rule(f"{ours}.{key}", (f"{theirs}.{key}",))
-        for ours, theirs in homes
-        for key in model.get_submodule(ours).state_dict()
-    ]
-    if len(rules) != len(model.state_dict()):  # KeyTable itself rejects a tensor named twice
-        raise RuntimeError(f"diffusers_table: {len(rules)} rules for {len(model.state_dict())} tensors")
-    return KeyTable(f"diffusers UNet2DConditionModel ({config.model_channels} channels)", tuple(rules))

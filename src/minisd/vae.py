@@ -18,7 +18,8 @@ Level l = 0 is the full resolution in both halves. So the decoder's `up` list is
 stored in reverse order of application: `up[len(ch_mult) - 1]` runs first and
 `up[0]` last (the official code builds it with `self.up.insert(0, up)`). diffusers
 numbers its `up_blocks` in application order: official `up.{n-1-i}` is
-`up_blocks.{i}` (see `diffusers_table`).
+`up_blocks.{i}` (see `diffusers_format.vae_table`). `level_plan` lists the levels
+and their widths; the modules and the diffusers key table are both generated from it.
 
 Numerics follow the reference: GroupNorm runs in the module's dtype (no upcast
 there), and `decode` returns the raw decoder output, nominally in [-1, 1] but NOT
@@ -38,7 +39,6 @@ from einops import rearrange
 from torch import nn
 
 from minisd.attention import attention
-from minisd.keymap import KeyTable, Rule
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +95,60 @@ SD_VAE = VAEConfig(
 SDXL_VAE = replace(SD_VAE, scale_factor=0.13025)
 
 
+# --------------------------------------------------------------------------- layout
+@dataclass(frozen=True)
+class Level:
+    """One resolution level: `encoder.down[level]` or `decoder.up[level]`.
+
+    `block[i]` is a ResnetBlock `blocks[i][0] -> blocks[i][1]` (with a 1x1 `nin_shortcut`
+    when the two differ); `resample` says whether the level ends with `downsample`
+    (encoder) or `upsample` (decoder), a conv at width `channels`."""
+
+    level: int  # l: the level runs at 1 / 2**l of the image size (0 = full resolution)
+    blocks: tuple[tuple[int, int], ...]  # (c_in, c_out) of each ResnetBlock `block[i]`
+    resample: bool  # encoder: `downsample` (every level but the last); decoder: `upsample` (l > 0)
+
+    @property
+    def channels(self) -> int:
+        """The level's width (ch * ch_mult[level]): every block's output, the resampler's width."""
+        return self.blocks[-1][1]
+
+
+@dataclass(frozen=True)
+class VAEPlan:
+    """The levels of the encoder and the decoder, each tuple indexed by level as the
+    official `down` / `up` lists are (the decoder runs its levels from the last to 0)."""
+
+    down: tuple[Level, ...]  # encoder.down[l]; runs after conv_in (cfg.ch wide), before mid
+    up: tuple[Level, ...]  # decoder.up[l]; up[-1] runs first, after mid
+    mid_channels: int  # width of encoder.mid and decoder.mid (block_1, attn_1, block_2)
+
+
+def level_plan(cfg: VAEConfig) -> VAEPlan:
+    """The level plan of `cfg`. `Encoder`, `Decoder` and the diffusers key table
+    (`diffusers_format.vae_table`) are all generated from it. For SD's VAE (ch 128,
+    ch_mult 1, 2, 4, 4): down[0..3] at 128, 256, 512, 512 wide, 2 blocks each, the
+    first block of down[1] and down[2] widening; up[3..0] at 512, 512, 256, 128, 3 blocks
+    each, the first block of up[1] and up[0] narrowing."""
+    widths = [cfg.ch * mult for mult in cfg.ch_mult]
+    last = len(widths) - 1
+    down: list[Level] = []
+    c_in = cfg.ch  # encoder.conv_in's output
+    for lvl, c_out in enumerate(widths):
+        blocks = tuple((c_out if i else c_in, c_out) for i in range(cfg.num_res_blocks))
+        down.append(Level(lvl, blocks, resample=lvl != last))
+        c_in = c_out
+    up: list[Level] = []
+    c_in = widths[-1]  # decoder.conv_in's output, through mid
+    for lvl in reversed(range(len(widths))):  # application order: the lowest resolution first
+        c_out = widths[lvl]
+        blocks = tuple((c_out if i else c_in, c_out) for i in range(cfg.num_res_blocks + 1))
+        up.insert(0, Level(lvl, blocks, resample=lvl != 0))  # stored by level, as `self.up.insert(0, up)`
+        c_in = c_out
+    return VAEPlan(tuple(down), tuple(up), widths[-1])
+
+
+# --------------------------------------------------------------------------- layers
 class DiagonalGaussian:
     """The posterior q(z|x) = N(mean, exp(logvar)), ldm's `DiagonalGaussianDistribution`."""
 
@@ -199,21 +253,18 @@ class Encoder(nn.Module):
 
     def __init__(self, cfg: VAEConfig) -> None:
         super().__init__()
-        last = len(cfg.ch_mult) - 1
+        plan = level_plan(cfg)
         self.conv_in = nn.Conv2d(cfg.in_channels, cfg.ch, kernel_size=3, padding=1)
         self.down = nn.ModuleList()
-        c_in = cfg.ch
-        for lvl, mult in enumerate(cfg.ch_mult):
-            c_out = cfg.ch * mult
+        for lv in plan.down:
             level = nn.Module()  # a bare Module holding `block` and `downsample`, as in the reference
-            n_blocks = cfg.num_res_blocks
-            level.block = nn.ModuleList(ResnetBlock(c_out if i else c_in, c_out, cfg.dropout) for i in range(n_blocks))
-            level.downsample = Downsample(c_out) if lvl != last else None
+            level.block = nn.ModuleList(ResnetBlock(c_in, c_out, cfg.dropout) for c_in, c_out in lv.blocks)
+            level.downsample = Downsample(lv.channels) if lv.resample else None
             self.down.append(level)
-            c_in = c_out
-        self.mid = _mid(c_in, cfg.dropout)
-        self.norm_out = _group_norm(c_in)
-        self.conv_out = nn.Conv2d(c_in, 2 * cfg.z_channels, kernel_size=3, padding=1)
+        c = plan.mid_channels
+        self.mid = _mid(c, cfg.dropout)
+        self.norm_out = _group_norm(c)
+        self.conv_out = nn.Conv2d(c, 2 * cfg.z_channels, kernel_size=3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)
@@ -233,23 +284,21 @@ class Decoder(nn.Module):
 
     def __init__(self, cfg: VAEConfig) -> None:
         super().__init__()
-        c_in = cfg.ch * cfg.ch_mult[-1]
-        self.conv_in = nn.Conv2d(cfg.z_channels, c_in, kernel_size=3, padding=1)
-        self.mid = _mid(c_in, cfg.dropout)
+        plan = level_plan(cfg)
+        self.conv_in = nn.Conv2d(cfg.z_channels, plan.mid_channels, kernel_size=3, padding=1)
+        self.mid = _mid(plan.mid_channels, cfg.dropout)
         levels: list[nn.Module] = []
-        # Built from the lowest resolution up, but stored by level (levels.insert(0, ...)),
-        # so up[0] is the full-resolution level, as in the official keys.
-        for lvl in reversed(range(len(cfg.ch_mult))):
-            c_out = cfg.ch * cfg.ch_mult[lvl]
-            level = nn.Module()
-            n_blocks = cfg.num_res_blocks + 1
-            level.block = nn.ModuleList(ResnetBlock(c_out if i else c_in, c_out, cfg.dropout) for i in range(n_blocks))
-            level.upsample = Upsample(c_out) if lvl != 0 else None
+        # Built from the lowest resolution up, as the reference, but stored by level (its
+        # `self.up.insert(0, up)`), so up[0] is the full-resolution level, as in the official keys.
+        for lv in reversed(plan.up):
+            level = nn.Module()  # a bare Module holding `block` and `upsample`, as in the reference
+            level.block = nn.ModuleList(ResnetBlock(c_in, c_out, cfg.dropout) for c_in, c_out in lv.blocks)
+            level.upsample = Upsample(lv.channels) if lv.resample else None
             levels.insert(0, level)
-            c_in = c_out
         self.up = nn.ModuleList(levels)
-        self.norm_out = _group_norm(c_in)
-        self.conv_out = nn.Conv2d(c_in, cfg.out_ch, kernel_size=3, padding=1)
+        c = plan.up[0].channels
+        self.norm_out = _group_norm(c)
+        self.conv_out = nn.Conv2d(c, cfg.out_ch, kernel_size=3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(self.conv_in(z))))
@@ -295,7 +344,9 @@ class AutoencoderKL(nn.Module):
         self._check(latents, "latents", self.config.embed_dim, 1)
         return self._guarded(self._decode, latents)
 
-    def encode_tiled(self, images: torch.Tensor, *, tile_size: int = 512, overlap: int | None = None) -> DiagonalGaussian:
+    def encode_tiled(
+        self, images: torch.Tensor, *, tile_size: int = 512, overlap: int | None = None
+    ) -> DiagonalGaussian:
         """`encode` in overlapping `tile_size` pixel tiles blended in latent space, for images too
         large to encode at once. Approximate: GroupNorm statistics and attention become per tile."""
         f = self.config.downsample_factor
@@ -391,65 +442,3 @@ def _blend_tiles(
             out[:, :, ys : ys + oh, xs : xs + ow] += t * weight
             total[ys : ys + oh, xs : xs + ow] += weight
     return out / total
-
-
-# --------------------------------------------------------------------------- diffusers layout
-def diffusers_table(config: VAEConfig) -> KeyTable:
-    """Official names (ours) <-> diffusers `AutoencoderKL` names, generated from the config.
-
-    Renames: `down.l.block.i` -> `down_blocks.l.resnets.i`, `nin_shortcut` -> `conv_shortcut`,
-    `mid.block_1/2` -> `mid_block.resnets.0/1`, `mid.attn_1.{norm,q,k,v,proj_out}` ->
-    `mid_block.attentions.0.{group_norm,to_q,to_k,to_v,to_out.0}` (Linear (C, C) weights
-    there, 1x1 convs (C, C, 1, 1) here), `norm_out` -> `conv_norm_out`, and the decoder's
-    `up.l` -> `up_blocks.{n-1-l}` (diffusers counts in application order).
-    """
-    if config.embed_dim != config.z_channels:  # diffusers has one `latent_channels`
-        got = f"{config.embed_dim} and {config.z_channels}"
-        raise ValueError(f"diffusers_table: needs embed_dim == z_channels, got {got}")
-    rules: list[Rule] = []
-
-    def same(ours: str, theirs: str, names: tuple[str, ...] = ("weight", "bias")) -> None:
-        rules.extend(Rule(f"{ours}.{n}", (f"{theirs}.{n}",)) for n in names)
-
-    def resnet(ours: str, theirs: str, c_in: int, c_out: int) -> None:
-        for name in ("norm1", "conv1", "norm2", "conv2"):
-            same(f"{ours}.{name}", f"{theirs}.{name}")
-        if c_in != c_out:
-            same(f"{ours}.nin_shortcut", f"{theirs}.conv_shortcut")
-
-    def mid(part: str, c: int) -> None:
-        resnet(f"{part}.mid.block_1", f"{part}.mid_block.resnets.0", c, c)
-        resnet(f"{part}.mid.block_2", f"{part}.mid_block.resnets.1", c, c)
-        ours, theirs = f"{part}.mid.attn_1", f"{part}.mid_block.attentions.0"
-        same(f"{ours}.norm", f"{theirs}.group_norm")
-        for o, t in (("q", "to_q"), ("k", "to_k"), ("v", "to_v"), ("proj_out", "to_out.0")):
-            rules.append(Rule(f"{ours}.{o}.weight", (f"{theirs}.{t}.weight",), "linear_to_conv1x1"))
-            same(f"{ours}.{o}", f"{theirs}.{t}", ("bias",))
-
-    n, widths = len(config.ch_mult), [config.ch * m for m in config.ch_mult]
-    same("quant_conv", "quant_conv")
-    same("post_quant_conv", "post_quant_conv")
-    for part in ("encoder", "decoder"):
-        same(f"{part}.conv_in", f"{part}.conv_in")
-        mid(part, widths[-1])
-        same(f"{part}.norm_out", f"{part}.conv_norm_out")
-        same(f"{part}.conv_out", f"{part}.conv_out")
-    # encoder: level l in, level l out
-    c_in = config.ch
-    for lvl, c_out in enumerate(widths):
-        for i in range(config.num_res_blocks):
-            ours, theirs = f"encoder.down.{lvl}.block.{i}", f"encoder.down_blocks.{lvl}.resnets.{i}"
-            resnet(ours, theirs, c_in if i == 0 else c_out, c_out)
-        if lvl != n - 1:
-            same(f"encoder.down.{lvl}.downsample.conv", f"encoder.down_blocks.{lvl}.downsamplers.0.conv")
-        c_in = c_out
-    # decoder: official level lvl is diffusers' up_blocks[n - 1 - lvl]
-    c_in = widths[-1]
-    for lvl in reversed(range(n)):
-        theirs, c_out = f"decoder.up_blocks.{n - 1 - lvl}", widths[lvl]
-        for i in range(config.num_res_blocks + 1):
-            resnet(f"decoder.up.{lvl}.block.{i}", f"{theirs}.resnets.{i}", c_in if i == 0 else c_out, c_out)
-        if lvl != 0:
-            same(f"decoder.up.{lvl}.upsample.conv", f"{theirs}.upsamplers.0.conv")
-        c_in = c_out
-    return KeyTable("diffusers AutoencoderKL", tuple(rules))

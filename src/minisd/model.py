@@ -1,0 +1,384 @@
+"""A loaded Stable Diffusion model, and `load`, the one call from a checkpoint to it.
+
+`StableDiffusion` is the components of a checkpoint (`checkpoint.Components`) with what
+you do with them: encode prompts, encode and decode images, and `generate`, the one-call
+entry that checks a request and hands it to a pipeline (`minisd.pipeline`):
+
+    generate(prompt)                                    -> txt2img
+    generate(prompt, init_image=, strength=)            -> img2img
+    generate(prompt, init_image=, mask_image=)          -> inpaint (9-channel U-Net) / inpaint_blend (4-channel)
+    base: generate(prompt, denoising_end=, output="latent")
+    refiner: generate(prompt, init_latents=, denoising_start=)  -> refine
+
+docs/pipelines.md maps each to the diffusers pipeline it reproduces and has the conventions:
+sizes, the VP latents of `output="latent"`, seeds and noise conventions, batch order, and
+where minisd differs from diffusers on purpose.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import PIL.Image
+import torch
+
+from .checkpoint import Components, load_components
+from .conditioning import Conditioning, MicroConditioning, encode_prompt
+from .families import Family
+from .images import ImageInput, images_to_tensor, masks_to_tensor, tensor_to_pil, to_unit_range
+from .pipeline import (
+    Init,
+    InitImage,
+    InitLatents,
+    MaskedImage,
+    Noise,
+    Prompt,
+    Sampled,
+    Sampling,
+    img2img,
+    inpaint,
+    inpaint_blend,
+    refine,
+    txt2img,
+)
+from .samplers import SAMPLER_NAMES, Callback
+from .schedules import DiscreteSchedule
+
+logger = logging.getLogger(__name__)
+
+OUTPUT_TYPES = ("pil", "latent", "tensor")
+NOISE_CONVENTIONS = ("diffusers", "a1111")
+DEFAULT_STEPS = 50  # diffusers' num_inference_steps default
+
+
+def load(
+    path: str | Path,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    family: str | None = None,
+    config: Family | Mapping | str | Path | None = None,
+    prediction_type: str | None = None,
+    use_ema: bool = False,
+    vae_dtype: torch.dtype = torch.float32,
+    variant: str | None = None,
+    allow_pickle: bool = False,
+) -> StableDiffusion:
+    """Load an official single-file checkpoint or a diffusers folder, ready to generate.
+
+    Args:
+        path: a `.safetensors` file in the official layout, or a diffusers folder.
+        device: where the weights go; tensors are read straight onto it.
+        dtype: dtype of the U-Net and text encoders (default: float32, as diffusers). Each
+            tensor is cast once as it is read, so an fp16 file loaded as fp16 is never upcast.
+        family: override the detected family ("sd1", "sd2-v", ...).
+        config: a non-standard architecture (see `checkpoint.apply_config`), for tiny or custom models.
+        prediction_type: override the prediction type ("epsilon" or "v_prediction").
+        use_ema: load the `model_ema.*` copy of the U-Net from a non-pruned file.
+        vae_dtype: the VAE's dtype; float32 by default because the SDXL VAE overflows in fp16.
+        variant: a diffusers weights variant such as "fp16" (`*.fp16.safetensors`).
+        allow_pickle: read `.ckpt`/`.pt` files with `torch.load(weights_only=True)`.
+    """
+    components = load_components(
+        path,
+        device=device,
+        dtype=dtype or torch.float32,
+        family=family,
+        config=config,
+        prediction_type=prediction_type,
+        use_ema=use_ema,
+        vae_dtype=vae_dtype,
+        variant=variant,
+        allow_pickle=allow_pickle,
+    )
+    return StableDiffusion(**vars(components))
+
+
+@dataclass
+class StableDiffusion(Components):
+    """A ready model: the components (`family`, `unet`, `vae`, `text_encoders`, `text_uses`,
+    `tokenizer`, `prediction_reason`, `ignored`; see `checkpoint.Components`) and the pipelines."""
+
+    @property
+    def scale_factor(self) -> float:
+        """Latents are multiplied by this after encoding (LDM's `scale_factor`)."""
+        return self.vae.config.scale_factor
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
+
+    @property
+    def size_multiple(self) -> int:
+        """Image sides must be multiples of this: VAE downsampling x U-Net downsampling."""
+        return self.vae.config.downsample_factor * self.unet.config.downsample_factor
+
+    def encode_prompt(
+        self, prompts: str | Sequence[str], *, clip_skip: int = 0, zero_empty: bool = False
+    ) -> Conditioning:
+        """Encode prompts as this family was trained (see `conditioning.encode_prompt`)."""
+        return encode_prompt(
+            prompts,
+            self.family,
+            self.text_encoders,
+            self.tokenizer,
+            uses=self.text_uses,
+            clip_skip=clip_skip,
+            zero_empty=zero_empty,
+        )
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Images `(B, 3, H, W)` in [0, 1] -> scaled latents: a posterior sample (drawn from
+        `generator`, diffusers' `retrieve_latents(sample_mode="sample")`) times `scale_factor`. fp32."""
+        vae_device = next(self.vae.parameters()).device
+        posterior = self.vae.encode((2.0 * images - 1.0).to(vae_device))  # [0, 1] -> [-1, 1]
+        return (posterior.sample(generator) * self.scale_factor).float()
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor, output: str = "pil") -> list[PIL.Image.Image] | torch.Tensor:
+        """Scaled (VP) latents -> PIL images, or a `(B, 3, H, W)` fp32 tensor in [0, 1] (`output="tensor"`).
+        The VAE runs in its own dtype (keep it fp32: the SDXL VAE overflows in fp16)."""
+        _check_choice("output", output, ("pil", "tensor"))
+        vae_device = next(self.vae.parameters()).device
+        images = to_unit_range(self.vae.decode(latents.to(vae_device) / self.scale_factor))
+        return tensor_to_pil(images) if output == "pil" else images
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompt: str | Sequence[str],
+        *,
+        negative_prompt: str | Sequence[str] = "",
+        width: int | None = None,
+        height: int | None = None,
+        steps: int = DEFAULT_STEPS,
+        guidance_scale: float | None = None,
+        sampler: str = "euler",
+        schedule: DiscreteSchedule | None = None,
+        timestep_spacing: str = "leading",
+        eta: float | None = None,
+        seed: int | None = None,
+        generator: torch.Generator | None = None,
+        latents: torch.Tensor | None = None,
+        num_images: int = 1,
+        output: str = "pil",
+        callback: Callback | None = None,
+        clip_skip: int = 0,
+        guidance_rescale: float = 0.0,
+        noise: str = "diffusers",
+        init_image: ImageInput | None = None,
+        init_latents: torch.Tensor | None = None,
+        strength: float | None = None,
+        mask_image: ImageInput | None = None,
+        denoising_start: float | None = None,
+        denoising_end: float | None = None,
+        original_size: tuple[int, int] | None = None,
+        crop_coords_top_left: tuple[int, int] | None = None,
+        target_size: tuple[int, int] | None = None,
+        aesthetic_score: float | None = None,
+        negative_aesthetic_score: float | None = None,
+    ) -> list[PIL.Image.Image] | torch.Tensor:
+        """Text-to-image, image-to-image, inpainting, or one stage of SDXL's base -> refiner.
+
+        The arguments are diffusers' (the module docstring maps calls to pipelines; docs/pipelines.md
+        has every argument). In short: a prompt or a list of them (each gives `num_images`);
+        `width`/`height` default to the family's size or the init image's; `guidance_scale` <= 1 runs
+        without guidance; `sampler` is one of `SAMPLER_NAMES`; `seed` or `generator` (neither: a fresh
+        seed, logged) and `noise` ("diffusers" or "a1111") fix the draws, `latents` replaces the initial
+        noise; `output` is "pil", "tensor" ((B, 3, H, W) in [0, 1]) or "latent" (VP latents);
+        `callback(info)` runs once per step and stops the run by returning False (the current clean
+        estimate is returned). `init_image` (+ `strength`), `mask_image`, `init_latents` (+
+        `denoising_start`) and `denoising_end` pick the pipeline; `original_size`,
+        `crop_coords_top_left`, `target_size` and the aesthetic scores are SDXL's micro-conditioning.
+        """
+        _check_choice("output", output, OUTPUT_TYPES)
+        _check_choice("noise", noise, NOISE_CONVENTIONS)
+        sampling = _sampling(sampler, steps, timestep_spacing, eta, schedule, denoising_end)
+        images = None if init_image is None else images_to_tensor(init_image)
+        masks = None if mask_image is None else masks_to_tensor(mask_image)
+        if images is not None and init_latents is not None:
+            raise ValueError("pass init_image or init_latents, not both")
+        size = self._output_size(width, height, images, init_latents)
+        micro = self._micro_conditioning(
+            size,
+            original_size=original_size,
+            crop_coords_top_left=crop_coords_top_left,
+            target_size=target_size,
+            aesthetic_score=aesthetic_score,
+            negative_aesthetic_score=negative_aesthetic_score,
+        )
+        text = self._prompt(prompt, negative_prompt, micro, num_images, guidance_scale, guidance_rescale, clip_skip)
+        rng = Noise(_make_generator(seed, generator), noise, latents)
+        if masks is not None or self.family.inpainting:
+            _check_inpainting(images, masks, self.family.inpainting, denoising_start)
+            pipeline = inpaint if self.family.inpainting else inpaint_blend
+            strength = 1.0 if strength is None else strength  # diffusers' default: a pure-noise start
+            result = pipeline(self, text, sampling, rng, MaskedImage(images, masks), strength, callback)
+        else:
+            init = (
+                InitImage(images)
+                if images is not None
+                else InitLatents(init_latents)
+                if init_latents is not None
+                else None
+            )
+            result = self._run(text, sampling, rng, size, init, strength, denoising_start, callback)
+        return result.latents if output == "latent" else self.decode(result.latents, output)
+
+    # ------------------------------------------------------------------ pieces of generate
+    def _run(
+        self,
+        text: Prompt,
+        sampling: Sampling,
+        rng: Noise,
+        size: tuple[int, int],
+        init: Init | None,
+        strength: float | None,
+        denoising_start: float | None,
+        callback: Callback | None,
+    ) -> Sampled:
+        """The pipeline for a request without a mask: the refiner stage for `denoising_start`,
+        img2img from an init image or latents, else text-to-image."""
+        if denoising_start is not None:
+            if init is None:
+                raise ValueError("denoising_start needs init_latents (or init_image) to continue from")
+            if strength is not None:
+                raise ValueError("pass strength or denoising_start, not both (denoising_start sets where to start)")
+            if rng.latents is not None:
+                raise ValueError("latents (the initial noise) has no use with denoising_start, which adds no noise")
+            return refine(self, text, sampling, rng.generator, init, denoising_start, callback)
+        if init is not None:
+            strength = self.family.default_strength if strength is None else strength
+            return img2img(self, text, sampling, rng, init, strength, callback)
+        if strength is not None:
+            raise ValueError("strength needs an init_image (it sets how much of the image is kept)")
+        return txt2img(self, text, sampling, rng, size, callback)
+
+    def _prompt(
+        self,
+        prompt: str | Sequence[str],
+        negative_prompt: str | Sequence[str],
+        micro: MicroConditioning,
+        num_images: int,
+        guidance_scale: float | None,
+        guidance_rescale: float,
+        clip_skip: int,
+    ) -> Prompt:
+        prompts = _prompt_list(prompt, "prompt")
+        negatives = _prompt_list(negative_prompt, "negative_prompt")
+        if len(negatives) not in (1, len(prompts)):
+            raise ValueError(f"negative_prompt: expected 1 or {len(prompts)} (one per prompt), got {len(negatives)}")
+        if not isinstance(num_images, int) or num_images < 1:
+            raise ValueError(f"num_images: expected an integer >= 1, got {num_images!r}")
+        scale = self.family.default_guidance if guidance_scale is None else float(guidance_scale)
+        negatives = negatives * len(prompts) if len(negatives) == 1 else negatives
+        return Prompt(tuple(prompts), tuple(negatives), micro, num_images, scale, guidance_rescale, clip_skip)
+
+    def _micro_conditioning(self, size: tuple[int, int], **given) -> MicroConditioning:
+        """SDXL's size/crop/aesthetic conditioning (default: the output size, no crop), checked against
+        the family's `y` inputs."""
+        allowed = list(self.family.y_inputs)
+        if "aesthetic_score" in allowed:
+            allowed.append("negative_aesthetic_score")
+        for name, value in given.items():
+            if value is not None and name not in allowed:
+                raise ValueError(
+                    f"{name} is not an input of the {self.family.name!r} family (it takes {allowed or 'none'})"
+                )
+        values = {k: v for k, v in given.items() if v is not None}
+        return MicroConditioning(**{"original_size": size, "target_size": size, **values})
+
+    def _output_size(
+        self, width: int | None, height: int | None, images: torch.Tensor | None, init_latents: torch.Tensor | None
+    ) -> tuple[int, int]:
+        """(height, width) in pixels: given, else the init's size, else the family's; checked."""
+        f = self.vae.config.downsample_factor
+        init = None
+        if images is not None:
+            init = tuple(images.shape[-2:])
+        elif init_latents is not None:
+            init = (init_latents.shape[-2] * f, init_latents.shape[-1] * f)
+        default = init or (self.family.default_size, self.family.default_size)
+        height = default[0] if height is None else height
+        width = default[1] if width is None else width
+        if init is not None and (height, width) != init:
+            raise ValueError(
+                f"width x height {width}x{height} differs from the init image's {init[1]}x{init[0]}; "
+                "resize the image first"
+            )
+        m = self.size_multiple
+        if height % m or width % m or height < m or width < m:
+            raise ValueError(
+                f"width and height must be positive multiples of {m} (VAE factor {f} x U-Net factor "
+                f"{self.unet.config.downsample_factor}: the official U-Net halves and doubles its maps exactly), "
+                f"got {width}x{height}"
+            )
+        return height, width
+
+
+# ---------------------------------------------------------------------- request checks
+def _check_choice(name: str, value: object, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}: expected one of {tuple(choices)}, got {value!r}")
+
+
+def _prompt_list(prompt: str | Sequence[str], name: str) -> list[str]:
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt) if isinstance(prompt, Sequence) else []
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ValueError(f"{name}: expected a str or a non-empty list of str, got {prompt!r:.80}")
+    return prompts
+
+
+def _sampling(
+    sampler: str,
+    steps: int,
+    spacing: str,
+    eta: float | None,
+    schedule: DiscreteSchedule | None,
+    denoising_end: float | None,
+) -> Sampling:
+    _check_choice("sampler", sampler, SAMPLER_NAMES)
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps: expected an integer >= 1, got {steps!r}")
+    schedule = DiscreteSchedule.scaled_linear() if schedule is None else schedule
+    return Sampling(sampler, steps, spacing, eta, schedule, denoising_end)
+
+
+def _check_inpainting(
+    images: torch.Tensor | None, masks: torch.Tensor | None, concat: bool, denoising_start: float | None
+) -> None:
+    """The init image and mask agree with each other and with the model."""
+    if images is None or masks is None:
+        what = "a 9-channel inpainting model needs" if concat else "inpainting needs"
+        got = f"init_image={images is not None}, mask_image={masks is not None}"
+        raise ValueError(f"{what} both init_image and mask_image (got {got})")
+    if masks.shape[-2:] != images.shape[-2:]:
+        (mh, mw), (ih, iw) = masks.shape[-2:], images.shape[-2:]
+        raise ValueError(f"mask_image is {mh}x{mw} (HxW) but init_image is {ih}x{iw}")
+    if masks.shape[0] not in (1, images.shape[0]):
+        raise ValueError(f"mask_image: expected 1 mask or one per init image ({images.shape[0]}), got {masks.shape[0]}")
+    if denoising_start is not None:
+        raise ValueError("denoising_start does not combine with inpainting; use strength")
+
+
+def _make_generator(seed: int | None, generator: torch.Generator | None) -> torch.Generator:
+    """The run's generator: the caller's, or a CPU one seeded with `seed` (diffusers'
+    `torch.Generator("cpu").manual_seed(seed)`), or with a fresh random seed (logged)."""
+    if seed is not None and generator is not None:
+        raise ValueError("pass seed or generator, not both")
+    if generator is not None:
+        return generator
+    generator = torch.Generator("cpu")
+    if seed is None:
+        logger.info("minisd: seed %d", generator.seed())  # non-deterministic, recorded
+    else:
+        generator.manual_seed(seed)
+    return generator

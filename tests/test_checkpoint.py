@@ -350,10 +350,13 @@ def test_shape_mismatch_names_key_expected_and_got(sd1_file):
 
 
 def test_full_size_preset_on_a_tiny_file_fails_clearly(sd1_file):
-    # the full-size SD1 preset expects far more blocks than the tiny file has: named per component
-    with pytest.raises(CheckpointError, match=r"U-Net: \d+ missing key.*\n  VAE: \d+ missing key") as e:
+    # the full-size SD1 preset has far more tensors than the tiny file: refused from the header's sizes
+    # alone, before anything is built, every component named with both sizes
+    with pytest.raises(CheckpointError, match=r"far smaller.*\n  U-Net: the architecture has 859,520,964 parameters "
+                       r"in 686 tensors; the file holds [\d,]+ in 286 under `model.diffusion_model.`") as e:
         minisd.load(sd1_file)
-    assert "text encoder 0 (hf): " in str(e.value) and "pass config=" in str(e.value)
+    assert "\n  VAE: the architecture has 83,653,863 parameters" in str(e.value)
+    assert "\n  text encoder 0 (hf): " in str(e.value) and "Pass config=" in str(e.value)
 
 
 def test_directory_without_model_index(tmp_path):

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
+import os
 
+import pytest
 import safetensors.torch
 import torch
 from PIL import Image
@@ -12,6 +15,7 @@ from PIL import Image
 import minisd
 from minisd import cli, detection
 from minisd.checkpoint import apply_config
+from tests.test_files import fifo, kernel_permissions, listing, reachable_folder, read_only_folder
 from tests.tiny import official_checkpoint, tiny_config
 
 
@@ -79,9 +83,213 @@ def test_generate_writes_png(tmp_path, capsys):
     assert cli.main(args) == 2 and "--overwrite" in capsys.readouterr().err  # the user's file is kept
 
 
+def one_error_line(capsys, *fragments: str) -> str:
+    """The stderr of a user error: one `minisd: error:` line naming the problem, no traceback."""
+    err = capsys.readouterr().err
+    assert err.startswith("minisd: error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    for fragment in fragments:
+        assert fragment.lower() in err.lower(), (fragment, err)
+    return err
+
+
+@pytest.mark.reliability(
+    "command line",
+    "a missing, corrupt, unreadable (permission denied) or FIFO checkpoint",
+    "`minisd: error: ...` in one line naming the file, exit status 2; the traceback only with `--verbose`",
+)
 def test_errors_exit_2_with_a_message(tmp_path, capsys):
     assert cli.main(["info", str(tmp_path / "missing.safetensors")]) == 2
-    assert "no such file" in capsys.readouterr().err
+    one_error_line(capsys, "no such file")
+    (tmp_path / "garbage.safetensors").write_bytes(b"\xff" * 64)  # a corrupt file
+    assert cli.main(["info", str(tmp_path / "garbage.safetensors")]) == 2
+    one_error_line(capsys, "garbage.safetensors")
+    with fifo(tmp_path / "fifo.safetensors") as path:  # refused before it is opened, so nothing blocks
+        assert cli.main(["info", str(path)]) == 2
+    one_error_line(capsys, "fifo.safetensors", "not a regular file")
+    with reachable_folder(tmp_path) as base:
+        secret = base / "secret.safetensors"
+        secret.write_bytes(b"")
+        secret.chmod(0o000)
+        with kernel_permissions():
+            assert cli.main(["info", str(secret)]) == 2
+        one_error_line(capsys, "secret.safetensors", "permission denied")
+    # --verbose shows the traceback too
+    assert cli.main(["-v", "info", str(tmp_path / "missing.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "minisd: error: " in err
+
+
+@pytest.mark.reliability(
+    "command line",
+    "a non-positive `--num-images` or `--steps`, an unknown `--device`",
+    "argparse's usage and one error line, exit status 2",
+)
+@pytest.mark.parametrize("argv", [["--num-images", "0"], ["--steps", "-1"], ["--device", "nonsense"]])
+def test_bad_arguments_exit_2(argv, capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["generate", "model.safetensors", "a cat", *argv])
+    assert info.value.code == 2 and "Traceback" not in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ generate's files, without a model
+class FakeModel:
+    """Stands in for a loaded model: records its calls, returns one distinct 8x8 image per request."""
+
+    def __init__(self, calls: list):
+        self.calls = calls
+
+    def generate(self, prompt, **kw):
+        self.calls.append(("generate", prompt, kw["num_images"]))
+        return [Image.new("RGB", (8, 8), (40 * i, 0, 0)) for i in range(kw["num_images"])]
+
+
+@pytest.fixture
+def fake_load(monkeypatch):
+    """Replaces `load` in the CLI; the list it returns says whether a model was loaded or used."""
+    calls: list = []
+
+    def load(path, **kw):
+        calls.append(("load", path))
+        return FakeModel(calls)
+
+    monkeypatch.setattr(cli, "load", load)
+    return calls
+
+
+def generate(out, *extra) -> int:
+    return cli.main(["generate", "model.safetensors", "a cat", "-o", str(out), "--device", "cpu", *extra])
+
+
+@pytest.mark.reliability(
+    "command line",
+    "`--num-images 3` where the third name exists",
+    "one line naming it (`pass ... --overwrite`), exit status 2, before the model is loaded; nothing is "
+    "written",
+)
+def test_generate_checks_every_name_before_loading(tmp_path, fake_load, capsys):
+    (tmp_path / "cat-2.png").write_bytes(b"the user's image")
+    assert generate(tmp_path / "cat.png", "--num-images", "3") == 2
+    one_error_line(capsys, "cat-2.png exists", "--overwrite")
+    assert fake_load == [] and listing(tmp_path) == ["cat-2.png"]  # nothing loaded, generated or written
+    assert (tmp_path / "cat-2.png").read_bytes() == b"the user's image"
+    (tmp_path / "model.safetensors").write_bytes(b"")  # the source is checked after the outputs
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        assert generate(tmp_path / "cat.png", "--num-images", "3", "--overwrite") == 0
+    finally:
+        os.chdir(cwd)
+    assert [c[0] for c in fake_load] == ["load", "generate"]
+    assert listing(tmp_path) == ["cat-0.png", "cat-1.png", "cat-2.png", "model.safetensors"]
+    assert [Image.open(tmp_path / f"cat-{i}.png").getpixel((0, 0)) for i in range(3)] == [(0, 0, 0), (40, 0, 0),
+                                                                                          (80, 0, 0)]  # fmt: skip
+
+
+@pytest.mark.reliability(
+    "command line",
+    "`-o` a folder, in a missing folder, under a file, with an unknown extension, a FIFO, or in an "
+    "unwritable folder",
+    "one line naming the path and the problem, exit status 2, before the model is loaded",
+)
+def test_generate_destination_errors_before_loading(tmp_path, fake_load, capsys):
+    (tmp_path / "a-file").write_bytes(b"")
+    (tmp_path / "a-folder").mkdir()
+    os.mkfifo(tmp_path / "a-fifo.png")
+    cases = [
+        (tmp_path / "a-folder", ["is a folder"]),
+        (tmp_path / "missing" / "cat.png", ["does not exist"]),
+        (tmp_path / "a-file" / "cat.png", ["is not a folder"]),
+        (tmp_path / "cat.xyz", ["cannot tell the image format"]),
+        (tmp_path / "a-fifo.png", ["not a regular file"]),
+    ]
+    for out, fragments in cases:
+        assert generate(out, "--overwrite") == 2
+        one_error_line(capsys, str(out), *fragments)
+    with read_only_folder(tmp_path) as folder:
+        assert generate(folder / "cat.png") == 2
+        one_error_line(capsys, "cat.png", "not writable")
+    assert fake_load == []
+
+
+@pytest.mark.reliability(
+    "command line",
+    "a full disk while `--overwrite` replaces an image",
+    "`minisd: error: out.png: No space left on device`, exit status 2; the old image is intact, no "
+    "temporary file",
+)
+def test_generate_on_a_full_disk_keeps_the_old_image(tmp_path, fake_load, capsys, monkeypatch):
+    out = tmp_path / "cat.png"
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(out)
+    old = out.read_bytes()
+    monkeypatch.setattr(cli, "check_source", lambda path: path)
+
+    def save_half(image, fp, format=None, **kw):
+        fp.write_bytes(b"\x89PNG half")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(Image.Image, "save", save_half)
+    assert generate(out, "--overwrite") == 2
+    one_error_line(capsys, f"{out}: No space left on device")
+    assert out.read_bytes() == old and listing(tmp_path) == ["cat.png"]
+
+
+@pytest.mark.reliability(
+    "command line",
+    "Ctrl-C while an image is written",
+    "`minisd: interrupted`, exit status 130, no traceback; the old image is intact, no temporary file",
+)
+def test_interrupt_exits_130_and_leaves_nothing(tmp_path, fake_load, capsys, monkeypatch):
+    out = tmp_path / "cat.png"
+    out.write_bytes(b"old")
+    monkeypatch.setattr(cli, "check_source", lambda path: path)
+
+    def interrupted(image, fp, format=None, **kw):
+        fp.write_bytes(b"half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Image.Image, "save", interrupted)
+    assert generate(out, "--overwrite") == 130
+    err = capsys.readouterr().err
+    assert err == "minisd: interrupted\n"
+    assert out.read_bytes() == b"old" and listing(tmp_path) == ["cat.png"]
+
+
+@pytest.mark.reliability(
+    "command line",
+    "`convert` to an existing file, a folder, a name without `.safetensors`, a missing folder, a "
+    "diffusers destination that is a file, or with a missing `--config`",
+    "one line, exit status 2, before the source is loaded",
+)
+def test_convert_checks_the_destination_before_loading(tmp_path, fake_load, capsys):
+    src = tmp_path / "src.safetensors"
+    src.write_bytes(b"")
+    (tmp_path / "taken.safetensors").write_bytes(b"mine")
+    (tmp_path / "a-folder").mkdir()
+    cases = [
+        ([str(tmp_path / "taken.safetensors")], ["exists", "--overwrite"]),
+        ([str(tmp_path / "a-folder"), "--overwrite"], ["is a folder"]),
+        ([str(tmp_path / "out.bin")], ["must end in .safetensors"]),
+        ([str(tmp_path / "missing" / "out.safetensors")], ["does not exist"]),
+        ([str(src), "--format", "diffusers", "--overwrite"], ["is a file"]),
+        ([str(tmp_path / "new.safetensors"), "--config", str(tmp_path / "missing.json")], ["missing.json"]),
+    ]
+    for argv, fragments in cases:
+        assert cli.main(["convert", str(src), *argv]) == 2
+        one_error_line(capsys, *fragments)
+    assert fake_load == [] and (tmp_path / "taken.safetensors").read_bytes() == b"mine"
+
+
+@pytest.mark.reliability(
+    "command line",
+    "`demo -o` an existing file",
+    "one line, exit status 2, before the demo model is built",
+)
+def test_demo_checks_the_destination_first(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(cli, "demo_model", lambda folder: pytest.fail("built a model before checking -o"))
+    (tmp_path / "demo.png").write_bytes(b"mine")
+    assert cli.main(["demo", "-o", str(tmp_path / "demo.png")]) == 2
+    one_error_line(capsys, "demo.png exists")
+    assert (tmp_path / "demo.png").read_bytes() == b"mine"
 
 
 def test_demo(tmp_path, capsys):

@@ -22,13 +22,15 @@ import open_clip
 import pytest
 import torch
 from diffusers.models.embeddings import Timesteps
+from transformers import CLIPTokenizer as HFCLIPTokenizer
 
 from minisd.clip import TextConfig
 from minisd.conditioning import encode_prompt, refiner_vector, sdxl_vector
-from minisd.families import family_spec
+from minisd.families import FAMILIES, TextEncoderUse, family_spec
 from minisd.layouts import hf_table, open_clip_table
-from minisd.tokenizer import CLIPTokenizer
+from minisd.tokenizer import MAX_TEXT_CHARS, CLIPTokenizer
 from tests.test_clip import build_ours, on_disk, tiny_hf, tiny_open_clip
+from tests.test_tokenizer import write_hf_vocab
 from tests.utils import assert_rel_close
 
 REL = 1e-5
@@ -133,6 +135,63 @@ def test_zero_empty_prompt(clip_l, open_g):
     assert plain.context[1].abs().max() > 0  # without the option, "" is encoded
 
 
+# Special-token literals typed in prompts: "<|endoftext|>" is the end token to transformers' CLIPTokenizer
+# (CLIP-L) and text to open_clip (OpenCLIP); "<end_of_text>" the other way round. Row 0 pools, in
+# open_clip, at the "<end_of_text>" typed in it (argmax: the first end token).
+LITERAL_PROMPTS = ["a photo <end_of_text> of <|endoftext|> a cat", "<|startoftext|>a castle", "a dog"]
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer(tmp_path_factory):
+    """transformers' CLIPTokenizer as SD1's diffusers repo configures it (pads with eot)."""
+    path = write_hf_vocab(tmp_path_factory.mktemp("hf_tokenizer"))
+    return HFCLIPTokenizer.from_pretrained(path, pad_token="<|endoftext|>")
+
+
+@pytest.mark.reliability(
+    "prompts (tokenizer)",
+    "the same prompt with special-token literals sent to SD1, SD2 and SDXL",
+    "CLIP-L gets transformers' ids and OpenCLIP open_clip's; contexts and pooled vector match those references",
+)
+@torch.no_grad()
+def test_special_literals_follow_each_encoders_tokenizer(clip_l, open_g, hf_tokenizer):
+    (ref_l, ours_l), (ref_g, ours_g) = clip_l, open_g
+    hf_ids = hf_tokenizer(LITERAL_PROMPTS, padding="max_length", max_length=77, truncation=True,
+                          return_tensors="pt").input_ids  # fmt: skip
+    oc_ids = open_clip.tokenize(LITERAL_PROMPTS)
+    # The references really disagree on the literals (and agree without them).
+    assert hf_ids[0, :4].tolist() == [49406, 320, 1125, 283] and hf_ids[0, 10:12].tolist() == [539, 49407]
+    assert oc_ids[0, :4].tolist() == [49406, 320, 1125, 49407] and oc_ids[0, 4:6].tolist() == [539, 27]
+    assert hf_ids[1, 1].item() == 49406 and oc_ids[1, 1].item() == 27
+    assert torch.equal(hf_ids[2, :4], oc_ids[2, :4])  # "a dog": equal up to the padding
+
+    # SD1: CLIP-L reads transformers' ids; SD2: OpenCLIP-H reads open_clip's.
+    sd1 = encode_prompt(LITERAL_PROMPTS, family_spec("sd1"), [ours_l])
+    assert_rel_close(sd1.context, ref_l(hf_ids).last_hidden_state, REL, "SD1 context, literals")
+    sd2 = encode_prompt(LITERAL_PROMPTS, family_spec("sd2"), [ours_g])
+    expected_sd2 = ref_g.ln_final(open_clip_blocks(ref_g, oc_ids, TINY_G.layers - 1))
+    assert_rel_close(sd2.context, expected_sd2, REL, "SD2 context, literals")
+    # The other encoder's ids would give another context: the test sees which rules were used.
+    wrong = ref_l(ref_ids(LITERAL_PROMPTS, 49407)).last_hidden_state
+    assert (sd1.context[:2] - wrong[:2]).abs().amax(dim=(1, 2)).min() > 1e-2
+
+    # SDXL: each half by its own encoder's rules; the pooled vector at open_clip's first end token.
+    sdxl = encode_prompt(LITERAL_PROMPTS, family_spec("sdxl"), [ours_l, ours_g])
+    hidden_l = ref_l(hf_ids, output_hidden_states=True).hidden_states[-2]
+    hidden_g = open_clip_blocks(ref_g, oc_ids, TINY_G.layers - 1)
+    assert_rel_close(sdxl.context, torch.cat([hidden_l, hidden_g], dim=-1), REL, "SDXL context, literals")
+    assert_rel_close(sdxl.pooled, ref_g.encode_text(oc_ids, normalize=False), REL, "SDXL pooled, literals")
+
+
+def test_family_records_name_each_encoders_tokenizer():
+    rules = {name: [t.tokenizer for t in f.text] for name, f in FAMILIES.items()}
+    assert rules == {
+        "sd1": ["hf"], "sd1-inpaint": ["hf"], "sd2": ["open_clip"], "sd2-v": ["open_clip"],
+        "sd2-inpaint": ["open_clip"], "sdxl": ["hf", "open_clip"], "sdxl-refiner": ["open_clip"],
+    }  # fmt: skip
+    assert [t.use().tokenizer for t in FAMILIES["sdxl"].text] == ["hf", "open_clip"]
+
+
 def diffusers_aug(pooled: torch.Tensor, time_ids: torch.Tensor) -> torch.Tensor:
     """`UNet2DConditionModel.get_aug_embed` for addition_embed_type="text_time", before `add_embedding`."""
     proj = Timesteps(256, flip_sin_to_cos=True, downscale_freq_shift=0)
@@ -175,3 +234,11 @@ def test_bad_inputs(clip_l):
         encode_prompt("x", family_spec("sd1"), [clip_l[1]], clip_skip=7)
     with pytest.raises(ValueError, match="original_size"):
         sdxl_vector(torch.zeros(1, 1280), (1024,), (0, 0), (1024, 1024))
+    # A prompt beyond the tokenizer's bound, named by its index; refused before any encoder runs.
+    long = "a" * (MAX_TEXT_CHARS + 1)
+    with pytest.raises(ValueError, match=rf"texts\[1\] must have at most {MAX_TEXT_CHARS} characters"):
+        encode_prompt(["a cat", long], family_spec("sd1"), [clip_l[1]])
+    # Special-token rules that no tokenizer has.
+    use = TextEncoderUse(layer=3, final_ln=True, pad_token_id=49407, tokenizer="openai")
+    with pytest.raises(ValueError, match=r"special_tokens must be one of \['hf', 'open_clip'\], got 'openai'"):
+        encode_prompt("a cat", family_spec("sd1"), [clip_l[1]], uses=[use])

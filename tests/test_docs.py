@@ -5,6 +5,7 @@ from pathlib import Path
 
 from minisd.tables_doc import documents
 from minisd.unet import SD1_UNET, SDXL_BASE_UNET, UNetConfig, block_plan
+from tests import reliability_doc
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 
@@ -46,3 +47,8 @@ def test_unet_block_table_is_the_plan():
         inputs, outputs = _plan_rows(cfg, size)
         assert [r[column] for r in rows["input_blocks"] if r[column]] == inputs
         assert [r[column] for r in rows["output_blocks"] if r[column]] == outputs
+
+
+def test_reliability_page_is_current():
+    stale = "docs/reliability.md is stale: run python -m tests.reliability_doc"
+    assert (DOCS / "reliability.md").read_text() == reliability_doc.render(), stale

@@ -216,7 +216,7 @@ def models(tmp_path_factory):
     # (families.TextEncoderSpec.diffusers_drops_last).
     te2_t, te2_o = tiny_text(32, "gelu", 2, seed=5)
     u_t, u_o = tiny_unet(SD2_UNET, 6)
-    use = TextEncoderUse(layer=te2_o.config.layers, final_ln=True, pad_token_id=0)
+    use = TextEncoderUse(layer=te2_o.config.layers, final_ln=True, pad_token_id=0, tokenizer="open_clip")
     parts = dict(vae=vae_t, text_encoder=te2_t, tokenizer=tok_pad0, unet=u_t)
     out["sd2-v"] = (minisd_model("sd2-v", u_o, vae_o, [te2_o], [use]), parts)
 

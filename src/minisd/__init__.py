@@ -13,10 +13,12 @@ parity; `families` (what differs between v1, v2 and SDXL), `keymap` (strict key 
     image = sd.generate("a photograph of an astronaut riding a horse", seed=0)[0]
 """
 
+from . import train as train  # the training loop (docs/training.md): minisd.train.train(...)
 from .checkpoint import save
 from .detection import DetectedModel, detect
 from .keymap import CheckpointError
 from .model import StableDiffusion, load
+from .pipeline import NonFiniteError
 
 __version__ = "0.1.0"
-__all__ = ["CheckpointError", "DetectedModel", "StableDiffusion", "detect", "load", "save"]
+__all__ = ["CheckpointError", "DetectedModel", "NonFiniteError", "StableDiffusion", "detect", "load", "save"]

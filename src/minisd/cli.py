@@ -4,6 +4,15 @@ minisd info CHECKPOINT                 what a file or folder holds, and why we t
 minisd generate CHECKPOINT PROMPT -o out.png [--steps 50 --sampler euler --seed 0 ...]
 minisd convert SRC DST [--format official|diffusers] [--allow-pickle] [--dtype fp16]
 minisd demo [-o demo.png]              the whole path on a tiny random model (no weights needed)
+minisd train DATA -o OUT (--model CKPT | --new FAMILY) [--steps N --batch-size B ...]   (minisd.train)
+
+Files: every destination is checked before any work (its folder exists and is writable, it is
+not a folder, it does not exist unless --overwrite; with --num-images, every name), and every
+file is written atomically (`files.atomic_write`), so an existing image or checkpoint is never
+lost to a full disk or an interruption.
+
+Errors: a user error (a missing, unreadable, corrupt or misnamed file, a bad argument) is one
+`minisd: error: ...` message and exit status 2; --verbose adds the traceback. Ctrl-C exits 130.
 """
 
 from __future__ import annotations
@@ -11,12 +20,16 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import pickle
 import sys
 import tempfile
+import traceback
 from collections import Counter
 from pathlib import Path
 
+import PIL.Image
 import torch
+from safetensors import SafetensorError
 
 from .checkpoint import apply_config, save
 from .detection import (
@@ -27,11 +40,18 @@ from .detection import (
     sha256,
 )
 from .families import UNET_PREFIX, VAE_PREFIX, family_spec
+from .files import atomic_write, check_destination, check_source
 from .keymap import CheckpointError
 from .layouts import ignore_reason, official_tables
 from .model import DEFAULT_STEPS, load
+from .train import main as train_main
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+# What a user can cause: files and arguments (CheckpointError, json and Unicode errors are
+# ValueErrors; PermissionError, IsADirectoryError, FileExistsError ... are OSErrors). Anything
+# else is a bug in minisd, and keeps its traceback.
+USER_ERRORS = (CheckpointError, ValueError, OSError, SafetensorError, pickle.UnpicklingError)
 
 
 def describe(path: Path, *, with_hash: bool = True) -> str:
@@ -91,13 +111,37 @@ def _numel(shape) -> int:
 
 
 def _cmd_info(args) -> int:
-    print(describe(Path(args.checkpoint), with_hash=not args.no_hash))
+    print(describe(check_source(args.checkpoint), with_hash=not args.no_hash))
     return 0
 
 
+def _image_format(path: Path) -> str:
+    """PIL's format name for an output file, from its extension (checked before any work)."""
+    fmt = PIL.Image.registered_extensions().get(path.suffix.lower())
+    if fmt is None:
+        raise ValueError(f"{path}: cannot tell the image format from the extension; use .png, .jpg or .webp")
+    return fmt
+
+
+def _output_paths(out: Path, count: int) -> list[Path]:
+    """`out` for one image; `out-0`, `out-1`, ... (before the extension) for several."""
+    return [out] if count == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(count)]
+
+
+def _write_image(image: PIL.Image.Image, path: Path, fmt: str, *, overwrite: bool) -> None:
+    atomic_write(path, lambda tmp: image.save(tmp, format=fmt), overwrite=overwrite)
+
+
 def _cmd_generate(args) -> int:
+    # every destination and source is checked before the model is loaded
+    out = Path(args.output)
+    paths = [check_destination(p, overwrite=args.overwrite) for p in _output_paths(out, args.num_images)]
+    fmt = _image_format(out)
+    check_source(args.checkpoint)
+    if args.config:
+        check_source(args.config)
     # fp16 on a GPU (the VAE stays fp32), fp32 on a CPU, unless --dtype says otherwise
-    dtype = _DTYPES[args.dtype] if args.dtype else torch.float16 if args.device.startswith("cuda") else torch.float32
+    dtype = _DTYPES[args.dtype] if args.dtype else torch.float16 if args.device.type == "cuda" else torch.float32
     sd = load(args.checkpoint, device=args.device, dtype=dtype, family=args.family, config=args.config)
     kwargs = dict(
         negative_prompt=args.negative,
@@ -110,17 +154,19 @@ def _cmd_generate(args) -> int:
         num_images=args.num_images,
     )
     images = sd.generate(args.prompt, **kwargs)
-    out = Path(args.output)
-    paths = [out] if len(images) == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(len(images))]
-    for image, p in zip(images, paths):
-        if p.exists() and not args.overwrite:
-            raise FileExistsError(f"{p} exists; pass --overwrite to replace it")
-        image.save(p)
+    for image, p in zip(images, paths, strict=True):
+        _write_image(image, p, fmt, overwrite=args.overwrite)
         print(p)
     return 0
 
 
 def _cmd_convert(args) -> int:
+    dst = check_destination(args.dst, overwrite=args.overwrite, folder=args.format == "diffusers")
+    if args.format == "official" and dst.suffix != ".safetensors":  # as `save` checks, but before loading
+        raise ValueError(f"{dst}: an official single file must end in .safetensors")
+    check_source(args.src)
+    if args.config:
+        check_source(args.config)
     sd = load(
         args.src,
         dtype=_DTYPES[args.dtype],
@@ -180,49 +226,74 @@ def demo_model(folder: Path, seed: int = 0) -> Path:
 
 
 def _cmd_demo(args) -> int:
+    out = check_destination(args.output, overwrite=args.overwrite)
+    fmt = _image_format(out)
     with tempfile.TemporaryDirectory() as tmp:
         path = demo_model(Path(tmp))
         print(describe(path, with_hash=False))
         sd = load(path, config=path.with_suffix(".json"))
         image = sd.generate("a photograph of an astronaut riding a horse", steps=4, width=64, height=64, seed=0)[0]
-        out = Path(args.output)
-        if out.exists() and not args.overwrite:
-            raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
-        image.save(out)
-        print(
-            f"wrote {out} ({image.size[0]}x{image.size[1]}): random weights, so the image is noise; "
-            "pass a real checkpoint to `minisd generate` for a picture"
-        )
+    _write_image(image, out, fmt, overwrite=args.overwrite)
+    print(
+        f"wrote {out} ({image.size[0]}x{image.size[1]}): random weights, so the image is noise; "
+        "pass a real checkpoint to `minisd generate` for a picture"
+    )
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="minisd", description="Stable Diffusion v1/v2/XL from scratch")
-    p.add_argument("-v", "--verbose", action="store_true", help="log progress")
-    sub = p.add_subparsers(dest="command", required=True)
+# ------------------------------------------------------------------------------ the parser
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
 
+
+def _device(text: str) -> torch.device:
+    """A torch device that exists here ("cpu", "cuda", "cuda:1", "mps")."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"not a torch device: {text!r} (try cpu, cuda, cuda:1 or mps)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text}: this torch has no CUDA device")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text}: there are {torch.cuda.device_count()} CUDA device(s)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise argparse.ArgumentTypeError(f"{text}: this torch has no MPS device")
+    return device
+
+
+def _model_args(q: argparse.ArgumentParser, dtype_default: str | None) -> None:
+    """The options of every command that loads a model."""
+    q.add_argument("--family", help="override detection (sd1, sd2, sd2-v, sdxl, ...)")
+    q.add_argument("--config", help="JSON file of a non-standard architecture")
+    q.add_argument(
+        "--dtype",
+        choices=sorted(_DTYPES),
+        default=dtype_default,
+        help="U-Net and text encoders (default: " + (dtype_default or "fp16 on CUDA, else fp32") + ")",
+    )
+
+
+def _add_info(sub) -> None:
     info = sub.add_parser("info", help="what a checkpoint holds (reads the header only, plus a hash)")
     info.add_argument("checkpoint")
     info.add_argument("--no-hash", action="store_true", help="skip the SHA-256 (it reads the whole file)")
     info.set_defaults(func=_cmd_info)
 
-    def model_args(q, dtype_default):
-        q.add_argument("--family", help="override detection (sd1, sd2, sd2-v, sdxl, ...)")
-        q.add_argument("--config", help="JSON file of a non-standard architecture")
-        q.add_argument(
-            "--dtype",
-            choices=sorted(_DTYPES),
-            default=dtype_default,
-            help="U-Net and text encoders (default: " + (dtype_default or "fp16 on CUDA, else fp32") + ")",
-        )
 
+def _add_generate(sub) -> None:
     gen = sub.add_parser("generate", help="text to image")
     gen.add_argument("checkpoint")
     gen.add_argument("prompt")
-    gen.add_argument("-o", "--output", default="out.png")
+    gen.add_argument("-o", "--output", default="out.png", help="image file; NAME-0.png, NAME-1.png ... for several")
     gen.add_argument("--negative", default="")
     gen.add_argument(
-        "--steps", type=int, default=DEFAULT_STEPS, help=f"sampler steps (default {DEFAULT_STEPS}, as the library)"
+        "--steps",
+        type=_positive_int,
+        default=DEFAULT_STEPS,
+        help=f"sampler steps (default {DEFAULT_STEPS}, as the library)",
     )
     gen.add_argument("--sampler", default="euler")
     gen.add_argument(
@@ -231,41 +302,83 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="random seed (default 0, so a command is reproducible; the library draws a fresh seed when given none)",
     )
-    gen.add_argument("--width", type=int)
-    gen.add_argument("--height", type=int)
+    gen.add_argument("--width", type=_positive_int)
+    gen.add_argument("--height", type=_positive_int)
     gen.add_argument("--guidance", type=float)
-    gen.add_argument("--num-images", type=int, default=1)
-    gen.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    gen.add_argument("--overwrite", action="store_true")
-    model_args(gen, None)
+    gen.add_argument("--num-images", type=_positive_int, default=1)
+    gen.add_argument("--device", type=_device, default="cuda" if torch.cuda.is_available() else "cpu")
+    gen.add_argument("--overwrite", action="store_true", help="replace existing images")
+    _model_args(gen, None)
     gen.set_defaults(func=_cmd_generate)
 
+
+def _add_convert(sub) -> None:
     conv = sub.add_parser("convert", help="official single file <-> diffusers folder, .ckpt -> .safetensors")
     conv.add_argument("src")
     conv.add_argument("dst")
     conv.add_argument("--format", choices=["official", "diffusers"], default="official")
     conv.add_argument("--allow-pickle", action="store_true", help="read a trusted .ckpt (torch.load weights_only)")
     conv.add_argument("--use-ema", action="store_true")
-    conv.add_argument("--overwrite", action="store_true")
-    model_args(conv, "fp32")
+    conv.add_argument("--overwrite", action="store_true", help="replace an existing file, or write into a folder")
+    _model_args(conv, "fp32")
     conv.set_defaults(func=_cmd_convert)
 
+
+def _add_demo(sub) -> None:
     demo = sub.add_parser("demo", help="run the whole pipeline on a tiny random model (no weights needed)")
     demo.add_argument("-o", "--output", default="minisd-demo.png")
     demo.add_argument("--overwrite", action="store_true")
     demo.set_defaults(func=_cmd_demo)
+
+
+def _cmd_train(args) -> int:
+    return train_main(args.args + (["--verbose"] if args.verbose else []))
+
+
+def _add_train(sub) -> None:
+    # Everything after `train` goes to `minisd.train.main`, which has its own parser and --help;
+    # prefix_chars="+" keeps this parser from reading (and refusing) those options.
+    train = sub.add_parser("train", help="train or fine-tune a model (see `minisd train --help`)", add_help=False,
+                           prefix_chars="+")  # fmt: skip
+    train.add_argument("args", nargs=argparse.REMAINDER)
+    train.set_defaults(func=_cmd_train)
+
+
+# one function per subcommand: a new command is a new `_add_*` here and its `_cmd_*`
+COMMANDS = (_add_info, _add_generate, _add_convert, _add_demo, _add_train)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="minisd", description="Stable Diffusion v1/v2/XL from scratch")
+    p.add_argument("-v", "--verbose", action="store_true", help="log progress, and show the traceback of an error")
+    sub = p.add_subparsers(dest="command", required=True)
+    for add in COMMANDS:
+        add(sub)
     return p
 
 
+def error_message(e: BaseException) -> str:
+    """A user error as one message: an OSError as "path: reason" rather than "[Errno 13] ...: 'path'"."""
+    if isinstance(e, OSError) and e.strerror:
+        where = e.filename if e.filename2 is None else f"{e.filename} -> {e.filename2}"
+        return e.strerror if where is None else f"{where}: {e.strerror}"
+    return str(e) or type(e).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)  # a bad argument: usage, one error line, exit 2 (argparse)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
     try:
         return args.func(args)
-    except (CheckpointError, ValueError, FileExistsError) as e:
-        print(f"minisd: error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:  # files being written are cleaned up by `files.atomic_write`
+        print("minisd: interrupted", file=sys.stderr)
+        return 130
+    except USER_ERRORS as e:
+        if args.verbose:
+            traceback.print_exc()
+        print(f"minisd: error: {error_message(e)}", file=sys.stderr)
         return 2
 
 

@@ -30,6 +30,23 @@ from torch import nn
 
 from minisd.attention import attention
 
+# Sanity bounds of `TextConfig.__post_init__`, far above the released towers (bigG: 1280 wide, 32 layers;
+# 49408 tokens, 77 positions): a mistyped or hostile config (a config.json claiming 10**7 layers) fails
+# at once instead of building modules for minutes.
+_MAX_WIDTH = 1 << 16
+_MAX_LAYERS = 1024
+_MAX_VOCAB = 1 << 22
+_MAX_CONTEXT = 1 << 16
+
+
+def _check_int(name: str, value: object, lo: int, hi: int) -> None:
+    """A ValueError naming `TextConfig.name` unless `value` is an int (not a bool) in [lo, hi]."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError(f"TextConfig.{name} must be an int, got {type(value).__name__} {repr(value)[:60]}")
+    if not lo <= value <= hi:
+        bound = " (a sanity bound far above any released model)" if value > hi else ""
+        raise ValueError(f"TextConfig.{name} must be in [{lo}, {hi}]{bound}, got {value}")
+
 
 @dataclass(frozen=True)
 class TextConfig:
@@ -46,13 +63,18 @@ class TextConfig:
     layer_norm_eps: float = 1e-5  # torch's default, used by open_clip, OpenAI CLIP and HF alike
 
     def __post_init__(self) -> None:
-        for name in ("width", "heads", "mlp_width", "vocab_size", "context_length"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"TextConfig.{name} must be positive, got {getattr(self, name)}")
-        if self.layers < 0 or (self.projection_dim is not None and self.projection_dim < 1):
-            raise ValueError(f"TextConfig: bad layers {self.layers} or projection_dim {self.projection_dim}")
-        if self.act not in ("quick_gelu", "gelu"):
-            raise ValueError(f"TextConfig.act must be 'quick_gelu' or 'gelu', got {self.act!r}")
+        """Check the type and range of every field, then how they fit together."""
+        for name, lo, hi in (("width", 1, _MAX_WIDTH), ("heads", 1, _MAX_WIDTH), ("layers", 0, _MAX_LAYERS),
+                             ("mlp_width", 1, 4 * _MAX_WIDTH), ("vocab_size", 1, _MAX_VOCAB),
+                             ("context_length", 1, _MAX_CONTEXT)):
+            _check_int(name, getattr(self, name), lo, hi)
+        if self.projection_dim is not None:
+            _check_int("projection_dim", self.projection_dim, 1, _MAX_WIDTH)
+        if not isinstance(self.act, str) or self.act not in ("quick_gelu", "gelu"):
+            raise ValueError(f"TextConfig.act must be 'quick_gelu' or 'gelu', got {repr(self.act)[:60]}")
+        eps = self.layer_norm_eps
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
+            raise ValueError(f"TextConfig.layer_norm_eps must be a number in (0, 1), got {repr(eps)[:60]}")
         if self.width % self.heads != 0:
             raise ValueError(f"TextConfig: width {self.width} does not split into {self.heads} heads")
 

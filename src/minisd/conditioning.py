@@ -18,6 +18,11 @@ config (the `cond_stage_config` / `conditioner` of the LDM and sgm YAMLs):
   context `cat(hidden_states_L[11], hidden_states_G[31])`, no final LN; pad 49407 / 0.
 - SDXL refiner: OpenCLIP bigG (penultimate); context `hidden_states_G[31]`, no final LN; pad 0.
 
+Each encoder's prompts are tokenized as its embedder did: the CLIP-L embedders call
+transformers' `CLIPTokenizer`, the OpenCLIP ones `open_clip.tokenize`. They share the BPE and
+differ in the pad token and in which literals typed in a prompt are special tokens
+("<|endoftext|>" is the end token to the first, ordinary text to the second; docs/tokenizer.md).
+
 `families.TextEncoderSpec` records these settings per family, and a loaded model's
 `TextEncoderUse` the hidden state it reads, as an absolute index: diffusers' SD2 folders
 store the OpenCLIP-H tower without its unused 24th block, and layer 23 is then its last.
@@ -65,12 +70,12 @@ def encode_prompt(
     """Encode prompts the way the official `family` model was trained.
 
     Args:
-        prompts: one prompt or a batch of them. Prompts longer than 75 BPE tokens are
-            truncated, as the references do.
+        prompts: one prompt or a batch of them, each of at most `tokenizer.MAX_TEXT_CHARS`
+            characters. Prompts longer than 75 BPE tokens are truncated, as the references do.
         family: the model family (`families.FAMILIES[...]`, or a loaded model's `family`).
         encoders: the family's text encoders, in the official order (SDXL: CLIP-L, then bigG).
-        tokenizer: the BPE tokenizer (one vocabulary serves CLIP and OpenCLIP; only the
-            pad token differs, and it is taken from `uses`).
+        tokenizer: the BPE tokenizer (one vocabulary serves CLIP and OpenCLIP; the pad token
+            and the special-token rules differ, and both are taken from `uses`).
         uses: how to read each encoder; default the family's official reading of full towers
             (a loaded model passes its own: a diffusers SD2 folder's tower is one block shorter).
         clip_skip: read the context this many blocks earlier than the family's default
@@ -101,7 +106,7 @@ def encode_prompt(
                 f"{encoder.config.layers}-block encoder read at layer {use.layer}"
             )
         device = encoder.token_embedding.weight.device
-        tokens = tokenizer(prompts, pad_token_id=use.pad_token_id)
+        tokens = tokenizer(prompts, pad_token_id=use.pad_token_id, special_tokens=use.tokenizer)
         input_ids, eot = tokens.input_ids.to(device), tokens.eot_index.to(device)
         # Run only the blocks we read, unless this encoder also supplies the pooled vector,
         # which is taken after the last block.

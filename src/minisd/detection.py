@@ -2,7 +2,11 @@
 prediction type from metadata, a known file hash, or one U-Net call.
 
 - `read_safetensors_header` parses and validates the safetensors header (8-byte length,
-  JSON, offsets), so a truncated or corrupt file is named before anything is read.
+  JSON, entries, offsets), so a truncated, corrupt or malformed file is named before
+  anything is read; `detect` and `load` both read headers through it.
+- `open_regular` and `read_json` are the only ways files are opened: a FIFO or a device
+  is refused instead of blocking, and inside a diffusers folder nothing that resolves
+  outside the folder is opened (`check_inside`).
 - `detect_keys` decides the family of an official single file from sentinel keys and
   shapes (diffusers' `CHECKPOINT_KEY_NAMES` idea) and records the evidence;
   `detect_diffusers` does the same for a diffusers folder from its JSON files.
@@ -15,16 +19,24 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import os
+import stat
 import struct
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
+from .clip import CLIP_VIT_L14, OPENCLIP_VIT_BIGG14, OPENCLIP_VIT_H14
+from .diffusers_format import json_field
 from .families import (
+    FAMILIES,
     PREDICTION_TYPES,
     Family,
+    TextEncoderSpec,
     family_spec,
     inpainting_variant,
     prediction_is_ambiguous,
@@ -51,16 +63,119 @@ _DTYPE_BYTES = {
     "U32": 4,
     "U64": 8,
 }
+# The safetensors dtypes that hold real numbers: what a weight may be stored as.
+FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 _MAX_HEADER = 100 * 1024 * 1024  # the safetensors reference refuses headers over 100 MB
+# JSON files of a diffusers folder (configs, shard indexes) are kilobytes; the largest real shard
+# index lists a few thousand keys (< 1 MB). Anything past this bound is not one, and is not read.
+_MAX_JSON = 64 * 1024 * 1024
 
 
+def _short(value: object, limit: int = 80) -> str:
+    """repr(value), cut to `limit` characters: error messages stay one readable line."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 5] + " ...)"
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+# ------------------------------------------------------------------------------ opening files
+_FILE_KINDS = (
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISDIR, "a directory"),
+)
+
+
+def _not_regular(path: Path, mode: int) -> CheckpointError:
+    kind = next((name for test, name in _FILE_KINDS if test(mode)), "not a regular file")
+    return CheckpointError(
+        f"{path}: is {kind}, not a regular file; minisd reads checkpoints and configs only from regular files "
+        "(reading a pipe or device could block forever). Save the data to a file and pass that."
+    )
+
+
+def open_regular(path: str | Path) -> BinaryIO:
+    """Open a regular file for binary reading, or raise `CheckpointError` naming the path.
+
+    A FIFO or a device would block `open` or `read` (a FIFO without a writer never returns), so
+    the kind of file is checked before opening (`stat`) and again on the open descriptor
+    (`fstat`, in case the path was swapped in between); the open itself is non-blocking."""
+    path = Path(path)
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such file or directory") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read it ({e.strerror})") from None
+    if not stat.S_ISREG(mode):
+        raise _not_regular(path, mode)
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot open it ({e.strerror})") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise _not_regular(path, mode)
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
+
+
+def check_inside(path: Path, folder: Path) -> Path:
+    """`path` itself, if it resolves (through symlinks and `..`) to a place inside `folder`; else
+    a `CheckpointError`. A diffusers folder names files (shard indexes, sub-folders) that must not
+    lead anywhere else on the machine. The one exception is the Hugging Face hub cache, whose
+    snapshot folders (`<repo>/snapshots/<revision>/`) link every file to `<repo>/blobs/`."""
+    root = folder.resolve()
+    roots = [root, root.parent.parent / "blobs"] if root.parent.name == "snapshots" else [root]
+    real = path.resolve()
+    if not any(real.is_relative_to(r) for r in roots):
+        raise CheckpointError(
+            f"{path}: resolves to {real}, outside the folder {folder}; minisd opens no file outside the folder "
+            "it loads (a path-traversal guard). Copy the file into the folder if it belongs there."
+        )
+    return path
+
+
+def read_json(path: Path, *, folder: Path | None = None) -> dict:
+    """A JSON object from a regular file (inside `folder` when given), or a `CheckpointError`
+    naming the file: missing, not a regular file, too large, not JSON, not an object."""
+    if folder is not None:
+        check_inside(path, folder)
+    if not path.exists():
+        raise CheckpointError(f"{path}: missing" + (" (a diffusers folder needs it)" if folder is not None else ""))
+    with open_regular(path) as f:
+        raw = f.read(_MAX_JSON + 1)
+    if len(raw) > _MAX_JSON:
+        raise CheckpointError(f"{path}: over {_MAX_JSON >> 20} MB, too large to be a config or index JSON file")
+    try:
+        value = json.loads(raw)
+    except RecursionError:
+        raise CheckpointError(f"{path}: not valid JSON (nested too deeply)") from None
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path}: expected a JSON object {{...}}, got a JSON {type(value).__name__}")
+    return value
+
+
+# ------------------------------------------------------------------------------ safetensors header
 @dataclass(frozen=True)
 class TensorInfo:
     """One tensor as the safetensors header describes it."""
 
     dtype: str  # safetensors name: "F16", "BF16", "F32", ...
     shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
 
 
 @dataclass
@@ -70,15 +185,25 @@ class SafetensorsHeader:
     metadata: dict[str, str]
 
 
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys):
+        twice = sorted(k for k, n in Counter(keys).items() if n > 1)
+        raise ValueError(f"duplicate key(s) {_short(twice)}")
+    return dict(pairs)
+
+
 def read_safetensors_header(path: str | Path) -> SafetensorsHeader:
     """Parse and validate a safetensors header without reading any tensor data.
 
-    Raises `CheckpointError` naming the file for a missing, truncated or corrupt file."""
+    Raises `CheckpointError` naming the file and the problem for a missing, non-regular,
+    truncated or corrupt file, and for every header the safetensors reference would refuse:
+    entries that are not {dtype, shape, data_offsets}, unknown dtypes, non-integer or negative
+    shapes and offsets, sizes that disagree with the dtype and shape, overlapping or
+    non-contiguous data, bytes past the last tensor, and metadata that is not strings."""
     path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such file or directory")
-    size = path.stat().st_size
-    with path.open("rb") as f:
+    with open_regular(path) as f:
+        size = os.fstat(f.fileno()).st_size
         head = f.read(8)
         if len(head) < 8:
             raise CheckpointError(f"{path}: {size} bytes is too short to be a safetensors file (truncated or empty?)")
@@ -90,43 +215,88 @@ def read_safetensors_header(path: str | Path) -> SafetensorsHeader:
             )
         raw = f.read(n)
     try:
-        header = json.loads(raw)
-        if not isinstance(header, dict):
-            raise ValueError("header is not a JSON object")
-    except (UnicodeDecodeError, ValueError) as e:
+        header = json.loads(raw, object_pairs_hook=_unique_keys)
+    except RecursionError:
+        raise CheckpointError(f"{path}: corrupt safetensors header (JSON nested too deeply)") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, duplicate keys
         raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header (a JSON {type(header).__name__}, not an object)")
     metadata = header.pop("__metadata__", None) or {}
-    data_bytes = size - 8 - n
-    tensors: dict[str, TensorInfo] = {}
-    end_max = 0
-    for key, entry in header.items():
-        try:
-            dtype, shape, (begin, end) = entry["dtype"], tuple(int(s) for s in entry["shape"]), entry["data_offsets"]
-            numel = 1
-            for s in shape:
-                numel *= s
-            expected = numel * _DTYPE_BYTES[dtype]
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path}: corrupt safetensors header entry for {key!r}: {entry!r}") from None
-        if end - begin != expected or begin < 0:
+    if not isinstance(metadata, dict):
+        raise CheckpointError(f"{path}: corrupt header: __metadata__ must be an object, got {_short(metadata)}")
+    for k, v in metadata.items():
+        if not isinstance(v, str):
             raise CheckpointError(
-                f"{path}: corrupt header: {key!r} ({dtype} {list(shape)}) needs {expected} bytes, "
-                f"offsets span {end - begin}"
+                f"{path}: corrupt header: __metadata__[{k!r}] must be a string (safetensors metadata maps strings "
+                f"to strings), got {type(v).__name__} {_short(v)}"
             )
-        end_max = max(end_max, end)
-        tensors[key] = TensorInfo(dtype, shape)
-    if end_max > data_bytes:
+    tensors: dict[str, TensorInfo] = {}
+    spans: list[tuple[int, int, str]] = []
+    for key, entry in header.items():
+        info, begin, end = _header_entry(path, key, entry)
+        tensors[key] = info
+        spans.append((begin, end, key))
+    _check_data_layout(path, spans, size - 8 - n)
+    return SafetensorsHeader(path, tensors, dict(metadata))
+
+
+def _header_entry(path: Path, key: str, entry: object) -> tuple[TensorInfo, int, int]:
+    """One tensor's entry, checked: its info and its [begin, end) byte span."""
+
+    def bad(problem: str) -> CheckpointError:
+        return CheckpointError(f"{path}: corrupt header entry for {key!r}: {problem}")
+
+    if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
+        raise bad(f"expected an object with dtype, shape and data_offsets, got {_short(entry)}")
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in _DTYPE_BYTES:
+        raise bad(f"dtype {_short(dtype)} is not one of {sorted(_DTYPE_BYTES)}")
+    if not isinstance(shape, list) or not all(_is_int(s) for s in shape):
+        raise bad(f"shape must be a list of integers, got {_short(shape)}")
+    if any(s < 0 for s in shape):
+        raise bad(f"shape {_short(shape)} has a negative dimension")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) for o in offsets):
+        raise bad(f"data_offsets must be two integers [begin, end], got {_short(offsets)}")
+    begin, end = offsets
+    info = TensorInfo(dtype, tuple(shape))
+    expected = info.numel * _DTYPE_BYTES[dtype]
+    if begin < 0 or end - begin != expected:
         raise CheckpointError(
-            f"{path}: truncated: the header promises {end_max} bytes of tensor data but the file holds {data_bytes}. "
+            f"{path}: corrupt header: {key!r} ({dtype} {_short(shape)}) needs {expected} bytes, "
+            f"its data_offsets [{begin}, {end}] span {end - begin}"
+        )
+    return info, begin, end
+
+
+def _check_data_layout(path: Path, spans: list[tuple[int, int, str]], data_bytes: int) -> None:
+    """The tensors' byte spans tile the data section exactly, as the safetensors reference requires:
+    no overlap (two tensors sharing bytes), no gap, and nothing past the last tensor."""
+    pos, previous = 0, None
+    for begin, end, key in sorted(spans):
+        if begin < pos:
+            raise CheckpointError(f"{path}: corrupt header: the data of {key!r} overlaps that of {previous!r}")
+        if begin > pos:
+            raise CheckpointError(
+                f"{path}: corrupt header: {begin - pos} unclaimed bytes before {key!r} (the data must be contiguous)"
+            )
+        pos, previous = end, key
+    if pos > data_bytes:
+        raise CheckpointError(
+            f"{path}: truncated: the header promises {pos} bytes of tensor data but the file holds {data_bytes}. "
             "Download the file again."
         )
-    return SafetensorsHeader(path, tensors, dict(metadata))
+    if pos < data_bytes:
+        raise CheckpointError(
+            f"{path}: corrupt: {data_bytes - pos} bytes follow the last tensor's data (the header accounts for "
+            f"{pos} of {data_bytes}); the file is damaged or was not written by safetensors"
+        )
 
 
 # --------------------------------------------------------------------------------- detection
 # Sentinel keys, one per question (diffusers' CHECKPOINT_KEY_NAMES idea, our own choices).
 _UNET_IN = "model.diffusion_model.input_blocks.0.0.weight"  # (model_channels, in_channels, 3, 3)
-_UNET_CROSS = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"  # (inner, context_dim)
+_UNET_PREFIX = "model.diffusion_model."
 _SDXL_BIGG = "conditioner.embedders.1.model.ln_final.weight"  # SDXL base: CLIP-L is embedder 0, bigG embedder 1
 _REFINER_BIGG = "conditioner.embedders.0.model.ln_final.weight"  # refiner: bigG is embedder 0, alone
 _SD2_OPENCLIP = "cond_stage_model.model.ln_final.weight"  # SD2: OpenCLIP-H
@@ -193,24 +363,61 @@ def _what_else(keys: list[str]) -> str:
     return "it is not a Stable Diffusion v1/v2/XL checkpoint"
 
 
+def _sentinel(tensors: dict[str, TensorInfo], key: str, rank: int, what: str, path: Path) -> TensorInfo:
+    info = tensors[key]
+    if len(info.shape) != rank:
+        raise CheckpointError(f"{path}: `{key}` has shape {list(info.shape)}; a Stable Diffusion file has {what} there")
+    return info
+
+
+# What each text encoder is, for messages about files that lack one.
+_ENCODER_NAMES = {CLIP_VIT_L14: "OpenAI CLIP ViT-L/14", OPENCLIP_VIT_H14: "OpenCLIP ViT-H/14",
+                  OPENCLIP_VIT_BIGG14: "OpenCLIP ViT-bigG/14"}  # fmt: skip
+
+
+def _missing_text_encoders(keys: list[str], unet_context: int | None, path: Path) -> CheckpointError:
+    """The error for a file with a U-Net and not every text encoder of any family: the families'
+    text-encoder prefixes (`TextEncoderSpec.official_prefix`) are the sentinel table here. When
+    some of a family's encoders are there and others not, the missing ones are named."""
+
+    def held(enc: TextEncoderSpec) -> bool:
+        return any(k.startswith(enc.official_prefix) for k in keys)
+
+    def named(encoders: list[TextEncoderSpec]) -> str:
+        return ", ".join(f"{_ENCODER_NAMES.get(t.config, t.layout)} (`{t.official_prefix}*`)" for t in encoders)
+
+    for fam in FAMILIES.values():
+        present, missing = [t for t in fam.text if held(t)], [t for t in fam.text if not held(t)]
+        if present and missing:
+            return CheckpointError(
+                f"{path}: partial {fam.name} checkpoint: the U-Net (context width {unet_context}) and "
+                f"{named(present)} are there, but its text encoder {named(missing)} is missing. "
+                "minisd needs a full checkpoint."
+            )
+    return CheckpointError(
+        f"{path}: partial checkpoint: the U-Net is there (context width {unet_context}) but no text encoder keys "
+        "(`cond_stage_model.*` or `conditioner.embedders.*`) were found. minisd needs a full checkpoint."
+    )
+
+
 def detect_keys(tensors: dict[str, TensorInfo], metadata: dict[str, str], path: Path) -> DetectedModel:
     """Decide the family of an official-layout checkpoint from its keys, shapes and metadata."""
     keys = list(tensors)
     if _UNET_IN not in tensors:
         raise CheckpointError(f"{path}: no Stable Diffusion U-Net (`{_UNET_IN}` is missing): {_what_else(keys)}")
     ev = []
-    in_ch = tensors[_UNET_IN].shape[1]
+    unet_in = _sentinel(tensors, _UNET_IN, 4, "a 3x3 convolution (out, in, 3, 3)", path)
+    in_ch = unet_in.shape[1]
     ev.append(
-        f"{_UNET_IN} has shape {list(tensors[_UNET_IN].shape)}: {in_ch} input channels"
+        f"{_UNET_IN} has shape {list(unet_in.shape)}: {in_ch} input channels"
         + (" (latents + mask + masked-image latents: inpainting)" if in_ch == 9 else "")
     )
     found = next((entry for entry in _TEXT_SENTINELS if entry[0] in tensors), None)
     if found is None:
-        ctx = tensors[_UNET_CROSS].shape[1] if _UNET_CROSS in tensors else None
-        raise CheckpointError(
-            f"{path}: partial checkpoint: the U-Net is there (context width {ctx}) but no text encoder keys "
-            "(`cond_stage_model.*` or `conditioner.embedders.*`) were found. minisd needs a full checkpoint."
-        )
+        # the context width: any cross-attention key of the U-Net (SDXL has none at level 0)
+        ctx = next((info.shape[1] for k, info in tensors.items() if k.startswith(_UNET_PREFIX)
+                    and k.endswith(".attn2.to_k.weight") and len(info.shape) == 2), None)  # fmt: skip
+        raise _missing_text_encoders(keys, ctx, path)
     key, name, what = found
     family = family_spec(name)
     ev.append(f"{key} present: {what}")
@@ -305,31 +512,30 @@ def refuse_pickle(path: Path) -> None:
     )
 
 
-def read_json(path: Path) -> dict:
-    if not path.exists():
-        raise CheckpointError(f"{path}: missing (a diffusers folder needs it)")
-    try:
-        return json.loads(path.read_text())
-    except ValueError as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+# The model_index.json entries minisd reads: `[library, class]`, or `[null, null]` for an absent component.
+_INDEX_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2", "scheduler")
 
 
 def _component_present(index: dict, name: str) -> bool:
-    """model_index.json lists `[library, class]`, or `[null, null]` for an absent component."""
     entry = index.get(name)
-    return isinstance(entry, list) and len(entry) == 2 and entry[1] is not None
+    return entry is not None and entry[1] is not None
 
 
 def detect_diffusers(folder: Path) -> DetectedModel:
-    """The family of a diffusers folder, from model_index.json and the components' config.json files."""
-    if not (folder / "model_index.json").exists():
+    """The family of a diffusers folder, from model_index.json and the components' config.json files.
+    Every field read is checked for its JSON type and range (`diffusers_format.json_field`)."""
+    where = folder / "model_index.json"
+    if not where.exists():
         raise CheckpointError(
             f"{folder}: a directory without model_index.json is not a diffusers pipeline folder; "
             "pass the folder that holds model_index.json, or a single-file .safetensors checkpoint"
         )
-    index = read_json(folder / "model_index.json")
-    cls = index.get("_class_name", "?")
-    unet_cfg = read_json(folder / "unet" / "config.json")
+    index = read_json(where, folder=folder)
+    cls = json_field(index, "_class_name", where, "str", "?")
+    for name in _INDEX_COMPONENTS:
+        json_field(index, name, where, "component", None)
+    unet_where = folder / "unet" / "config.json"
+    unet_cfg = read_json(unet_where, folder=folder)
     ev = [f"model_index.json: _class_name {cls!r}"]
     has_1, has_2 = _component_present(index, "text_encoder"), _component_present(index, "text_encoder_2")
     if has_1 and has_2:
@@ -337,25 +543,27 @@ def detect_diffusers(folder: Path) -> DetectedModel:
     elif has_2:
         name, what = "sdxl-refiner", "text_encoder_2 alone (bigG): SDXL refiner"
     elif has_1:
-        act = read_json(folder / "text_encoder" / "config.json").get("hidden_act")
-        # OpenAI CLIP's activation is quick_gelu; OpenCLIP's is gelu
+        text_where = folder / "text_encoder" / "config.json"
+        # OpenAI CLIP's activation is quick_gelu (transformers' default); OpenCLIP's is gelu
+        act = json_field(read_json(text_where, folder=folder), "hidden_act", text_where, "str", "quick_gelu")
         name, what = ("sd1", "OpenAI CLIP (SD1)") if act == "quick_gelu" else ("sd2", "OpenCLIP (SD2)")
         what = f"text_encoder/config.json hidden_act {act!r}: {what}"
     else:
         raise CheckpointError(f"{folder}: model_index.json lists no text encoder; not a Stable Diffusion pipeline")
     family = family_spec(name)
     ev.append(what)
-    in_ch = unet_cfg.get("in_channels", 4)
+    in_ch = json_field(unet_cfg, "in_channels", unet_where, "int", 4, low=1)
     ev.append(f"unet/config.json in_channels {in_ch}")
     if in_ch == 9:
         family = inpainting_variant(family, str(folder))
     elif in_ch != 4:
         raise CheckpointError(f"{folder}: a {in_ch}-channel {family.name} U-Net is not a family minisd knows")
     sched = folder / "scheduler" / "scheduler_config.json"
-    pt = read_json(sched).get("prediction_type", "epsilon") if sched.exists() else "epsilon"
-    reason = (
-        f"scheduler/scheduler_config.json prediction_type {pt!r}" if sched.exists() else "no scheduler config: epsilon"
-    )
+    if sched.exists():
+        pt = json_field(read_json(sched, folder=folder), "prediction_type", sched, "str", "epsilon")
+        reason = f"scheduler/scheduler_config.json prediction_type {pt!r}"
+    else:
+        pt, reason = "epsilon", "no scheduler config: epsilon"
     if pt not in PREDICTION_TYPES:
         raise CheckpointError(f"{sched}: prediction_type {pt!r} is not one minisd supports {PREDICTION_TYPES}")
     family = with_prediction(family, pt)
@@ -395,7 +603,7 @@ KNOWN_SHA256 = {
 
 def sha256(path: Path, chunk: int = 1 << 24) -> str:
     h = hashlib.sha256()
-    with path.open("rb") as f:
+    with open_regular(path) as f:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()

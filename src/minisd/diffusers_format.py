@@ -20,32 +20,101 @@ SD2/SDXL), not their width.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+import math
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .clip import TextConfig
+from .files import atomic_write_text
 from .keymap import CheckpointError, KeyTable, Rule
 from .tokenizer import EOT_TOKEN, SOT_TOKEN, read_merges, vocabulary
 from .unet import UNetConfig, UNetModel, block_plan
 from .vae import VAEConfig, level_plan
 
 # diffusers' `create_unet_diffusers_config_from_ldm`: only these context widths make an SDXL
-# "text_time" added embedding; any other `y` is a "projection" class embedding.
+# "text_time" added embedding; any other `y` is a "projection" class embedding. This is the guess
+# diffusers makes for a single file; a folder's config.json and a family's `y_inputs` say it outright.
 _TEXT_TIME_CONTEXT = (2048, 1280)
 
 
-def _need(d: Mapping[str, Any], keys: tuple[str, ...], what: str) -> None:
-    missing = [k for k in keys if k not in d]
-    if missing:
-        raise CheckpointError(f"{what}: config.json lacks {missing}")
+# ----------------------------------------------------------------------------------- JSON fields
+def _int_ok(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _ints_ok(x: Any) -> bool:
+    return isinstance(x, list) and len(x) > 0 and all(_int_ok(v) for v in x)
+
+
+def _number_ok(x: Any) -> bool:
+    return (isinstance(x, (int, float)) and not isinstance(x, bool)) and math.isfinite(x)
+
+
+def _component_ok(x: Any) -> bool:
+    return isinstance(x, list) and len(x) == 2 and all(v is None or isinstance(v, str) for v in x)
+
+
+# kind -> (test, what the message says is expected)
+_KINDS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "int": (_int_ok, "an integer"),
+    "bool": (lambda x: isinstance(x, bool), "true or false"),
+    "str": (lambda x: isinstance(x, str), "a string"),
+    "str|null": (lambda x: x is None or isinstance(x, str), "a string or null"),
+    "number": (_number_ok, "a finite number"),
+    "ints": (_ints_ok, "a non-empty list of integers"),
+    "int|ints": (lambda x: _int_ok(x) or _ints_ok(x), "an integer or a non-empty list of integers"),
+    "strs": (lambda x: isinstance(x, list) and all(isinstance(v, str) for v in x), "a list of strings"),
+    "object": (lambda x: isinstance(x, dict), "a JSON object"),
+    "component": (_component_ok, "[library, class] (strings or null)"),
+}
+_REQUIRED = object()
+
+
+def json_field(d: Mapping[str, Any], key: str, where: object, kind: str, default: Any = _REQUIRED, *,
+               low: int | None = None) -> Any:  # fmt: skip
+    """`d[key]`, checked to be of `kind` (a key of `_KINDS`) and, for integers (and each integer
+    of a list), at least `low`; `default` when the key is absent (or null, for a non-null kind).
+    Raises `CheckpointError` naming the file `where`, the field, what was expected and what was got."""
+    value = d.get(key)
+    if key not in d or (value is None and not kind.endswith("null") and default is not _REQUIRED):
+        if default is _REQUIRED:
+            raise CheckpointError(f"{where}: lacks the field {key!r} ({_KINDS[kind][1]})")
+        return default
+    test, expected = _KINDS[kind]
+    if not test(value):
+        got = f"{type(value).__name__} {value!r}"
+        raise CheckpointError(f"{where}: field {key!r} must be {expected}, got {got[:80]}")
+    if low is not None:
+        for v in value if isinstance(value, list) else [value]:
+            if _int_ok(v) and v < low:
+                raise CheckpointError(f"{where}: field {key!r} must be at least {low}, got {value!r}"[:200])
+    return value
+
+
+def _same_length(d: Mapping[str, Any], key: str, where: object, n: int, of: str) -> None:
+    if isinstance(d.get(key), list) and len(d[key]) != n:
+        raise CheckpointError(f"{where}: field {key!r} has {len(d[key])} entries, expected {n} (one per {of})")
+
+
+def _config(cls: type, where: object, **fields: Any) -> Any:
+    """cls(**fields); the config's own validation (`__post_init__`) names the field, and this names the file."""
+    try:
+        return cls(**fields)
+    except ValueError as e:
+        raise CheckpointError(f"{where}: {e}") from None
 
 
 # ----------------------------------------------------------------------------------- U-Net
-def unet_to_diffusers(cfg: UNetConfig) -> dict[str, Any]:
-    """The `UNet2DConditionModel` config of a U-Net (what diffusers' converter writes)."""
+def unet_to_diffusers(cfg: UNetConfig, *, text_time: bool | None = None) -> dict[str, Any]:
+    """The `UNet2DConditionModel` config of a U-Net (what diffusers' converter writes).
+
+    `text_time`: the vector `y` is SDXL's (pooled text + size/crop embeddings: diffusers'
+    `addition_embed_type="text_time"`), not a class embedding; the exporter passes what the
+    family says (`Family.y_inputs`). None guesses from the context width, as diffusers does for
+    a single file."""
     widths = [cfg.model_channels * m for m in cfg.channel_mult]
     attn = [2**level in cfg.attention_resolutions for level in range(len(widths))]
     heads = cfg.num_heads if cfg.num_head_channels == -1 else [w // cfg.num_head_channels for w in widths]
@@ -66,7 +135,7 @@ def unet_to_diffusers(cfg: UNetConfig) -> dict[str, Any]:
     if cfg.transformer_depth_middle is not None and cfg.transformer_depth_middle != cfg.depths[-1]:
         raise CheckpointError(f"diffusers has no separate middle-block depth ({cfg.transformer_depth_middle})")
     if cfg.adm_in_channels is not None:
-        if cfg.context_dim in _TEXT_TIME_CONTEXT:
+        if _text_time(cfg, text_time):
             d.update(addition_embed_type="text_time", addition_time_embed_dim=256)
         else:
             d.update(class_embed_type="projection")
@@ -74,50 +143,73 @@ def unet_to_diffusers(cfg: UNetConfig) -> dict[str, Any]:
     return d
 
 
-def unet_from_diffusers(d: Mapping[str, Any], where: str = "unet/config.json") -> UNetConfig:
-    """A `UNetConfig` from a `UNet2DConditionModel` config.json."""
-    _need(d, ("block_out_channels", "layers_per_block", "down_block_types", "cross_attention_dim"), where)
-    widths = list(d["block_out_channels"])
+def unet_from_diffusers(d: Mapping[str, Any], where: object = "unet/config.json") -> UNetConfig:
+    """A `UNetConfig` from a `UNet2DConditionModel` config.json, every field it reads checked
+    (`json_field`), then the config's own validation, each error naming the file."""
+    widths = json_field(d, "block_out_channels", where, "ints", low=1)
+    n = len(widths)
     mc = widths[0]
     if any(w % mc for w in widths):
         raise CheckpointError(f"{where}: block_out_channels {widths} are not multiples of the first")
+    blocks = json_field(d, "down_block_types", where, "strs")
+    _same_length(d, "down_block_types", where, n, "entry of block_out_channels")
+    _same_length(d, "up_block_types", where, n, "entry of block_out_channels")
+    unknown = sorted(set(blocks) - {"CrossAttnDownBlock2D", "DownBlock2D"})
+    if unknown:
+        raise CheckpointError(f"{where}: down_block_types {unknown} are not Stable Diffusion U-Net blocks")
     for key, expected in (("flip_sin_to_cos", True), ("freq_shift", 0), ("time_embedding_type", "positional"),
                           ("center_input_sample", False), ("mid_block_type", "UNetMidBlock2DCrossAttn")):
         if d.get(key, expected) != expected:  # a config option, not a weight: absent means diffusers' default
             raise CheckpointError(f"{where}: {key}={d[key]!r} is not a Stable Diffusion U-Net (expected {expected!r})")
     # diffusers' `num_attention_heads` (newer) wins over its misnamed `attention_head_dim`.
-    heads = d.get("num_attention_heads") or d.get("attention_head_dim", 8)
+    key = "num_attention_heads" if d.get("num_attention_heads") is not None else "attention_head_dim"
+    heads = json_field(d, key, where, "int|ints", 8, low=1)
     if isinstance(heads, int):
         head_kw = {"num_heads": heads}
     else:
-        per_level = {w // h for w, h in zip(widths, heads, strict=True)}
-        if len(per_level) != 1:
+        _same_length(d, key, where, n, "entry of block_out_channels")
+        if any(w % h for w, h in zip(widths, heads)) or len({w // h for w, h in zip(widths, heads)}) != 1:
             raise CheckpointError(
-                f"{where}: head widths differ per level ({sorted(per_level)}); sgm has one num_head_channels"
+                f"{where}: {key} {heads} does not give one head width for block_out_channels {widths}; "
+                "sgm has one num_head_channels"
             )
-        head_kw = {"num_head_channels": per_level.pop()}
-    depth = d.get("transformer_layers_per_block", 1)
+        head_kw = {"num_head_channels": widths[0] // heads[0]}
+    depth = json_field(d, "transformer_layers_per_block", where, "int|ints", 1, low=0)
+    _same_length(d, "transformer_layers_per_block", where, n, "entry of block_out_channels")
+    added = json_field(d, "addition_embed_type", where, "str|null", None)
+    class_embed = json_field(d, "class_embed_type", where, "str|null", None)
     adm = None
-    if d.get("addition_embed_type") == "text_time" or d.get("class_embed_type") == "projection":
-        adm = d["projection_class_embeddings_input_dim"]
-    elif d.get("addition_embed_type") or d.get("class_embed_type"):
-        raise CheckpointError(
-            f"{where}: unsupported added conditioning {d.get('addition_embed_type') or d.get('class_embed_type')!r}"
-        )
-    cross = d["cross_attention_dim"]
-    return UNetConfig(
-        in_channels=d.get("in_channels", 4),
-        out_channels=d.get("out_channels", 4),
+    if added == "text_time" or class_embed == "projection":
+        adm = json_field(d, "projection_class_embeddings_input_dim", where, "int", low=1)
+    elif added or class_embed:
+        raise CheckpointError(f"{where}: unsupported added conditioning {added or class_embed!r}")
+    cross = json_field(d, "cross_attention_dim", where, "int|ints", low=1)
+    if isinstance(cross, list) and len(set(cross)) != 1:
+        raise CheckpointError(f"{where}: cross_attention_dim {cross} differs per block; sgm has one context_dim")
+    return _config(
+        UNetConfig, where,
+        in_channels=json_field(d, "in_channels", where, "int", 4, low=1),
+        out_channels=json_field(d, "out_channels", where, "int", 4, low=1),
         model_channels=mc,
         channel_mult=tuple(w // mc for w in widths),
-        num_res_blocks=d["layers_per_block"],
-        attention_resolutions=tuple(2**i for i, t in enumerate(d["down_block_types"]) if "CrossAttn" in t),
+        num_res_blocks=json_field(d, "layers_per_block", where, "int", low=1),
+        attention_resolutions=tuple(2**i for i, t in enumerate(blocks) if t == "CrossAttnDownBlock2D"),
         transformer_depth=depth if isinstance(depth, int) else tuple(depth),
         context_dim=cross if isinstance(cross, int) else cross[0],
-        use_linear_in_transformer=bool(d.get("use_linear_projection", False)),
+        use_linear_in_transformer=json_field(d, "use_linear_projection", where, "bool", False),
         adm_in_channels=adm,
         **head_kw,
-    )
+    )  # fmt: skip
+
+
+def unet_text_time(d: Mapping[str, Any], where: object = "unet/config.json") -> bool:
+    """Whether a `UNet2DConditionModel` config.json embeds `y` as SDXL's "text_time" (`add_embedding`)."""
+    return json_field(d, "addition_embed_type", where, "str|null", None) == "text_time"
+
+
+def _text_time(cfg: UNetConfig, text_time: bool | None) -> bool:
+    """The "text_time" choice for a U-Net with `y`: the caller's, or else diffusers' single-file guess by width."""
+    return cfg.context_dim in _TEXT_TIME_CONTEXT if text_time is None else text_time
 
 
 # ResBlock submodules -> diffusers ResnetBlock2D (convert_ldm_unet_checkpoint's renames).
@@ -127,8 +219,13 @@ _RESBLOCK_TO_DIFFUSERS = {
 }
 
 
-def unet_table(config: UNetConfig) -> KeyTable:
+def unet_table(config: UNetConfig, *, text_time: bool | None = None) -> KeyTable:
     """Diffusers `UNet2DConditionModel` state-dict names (theirs) <-> the official names (ours).
+
+    `text_time` says where `y`'s MLP sits: `add_embedding` (SDXL's "text_time") or
+    `class_embedding` ("projection"). A folder's loader passes what its config.json says
+    (`unet_text_time`), the exporter what the family says; None guesses from the context width,
+    as diffusers does for a single file.
 
     Generated from the block plan (`unet.block_plan`): `input_blocks.{n}` of level l,
     position i -> `down_blocks.{l}.resnets.{i}` / `.attentions.{i}` / `.downsamplers.0`;
@@ -145,9 +242,9 @@ def unet_table(config: UNetConfig) -> KeyTable:
         ("out.2", "conv_out"),
     ]
     if config.adm_in_channels is not None:
-        # diffusers' create_unet_diffusers_config_from_ldm (and `unet_to_diffusers`): SDXL-like context
-        # widths get addition_embed_type="text_time" (`add_embedding`), any other the "projection" class embedding.
-        mlp = "add_embedding" if config.context_dim in _TEXT_TIME_CONTEXT else "class_embedding"
+        # addition_embed_type="text_time" puts y's MLP in `add_embedding`, class_embed_type="projection"
+        # in `class_embedding` (the same two linears either way).
+        mlp = "add_embedding" if _text_time(config, text_time) else "class_embedding"
         homes += [("label_emb.0.0", f"{mlp}.linear_1"), ("label_emb.0.2", f"{mlp}.linear_2")]
 
     def resblock(ours: str, theirs: str, ch_in: int, ch_out: int) -> None:
@@ -208,23 +305,31 @@ def vae_to_diffusers(cfg: VAEConfig) -> dict[str, Any]:
     }
 
 
-def vae_from_diffusers(d: Mapping[str, Any], where: str = "vae/config.json") -> VAEConfig:
-    _need(d, ("block_out_channels", "latent_channels"), where)
-    widths = list(d["block_out_channels"])
+def vae_from_diffusers(d: Mapping[str, Any], where: object = "vae/config.json") -> VAEConfig:
+    """A `VAEConfig` from an `AutoencoderKL` config.json, every field it reads checked (`json_field`)."""
+    widths = json_field(d, "block_out_channels", where, "ints", low=1)
     ch = widths[0]
-    if d.get("norm_num_groups", 32) != 32:
-        raise CheckpointError(f"{where}: norm_num_groups={d['norm_num_groups']}; the LDM VAE uses 32")
-    return VAEConfig(
+    if any(w % ch for w in widths):
+        raise CheckpointError(f"{where}: block_out_channels {widths} are not multiples of the first")
+    _same_length(d, "down_block_types", where, len(widths), "entry of block_out_channels")
+    _same_length(d, "up_block_types", where, len(widths), "entry of block_out_channels")
+    for key, expected in (("norm_num_groups", 32), ("act_fn", "silu"), ("shift_factor", None)):
+        if d.get(key, expected) != expected:  # absent means diffusers' default, which is the LDM VAE's
+            raise CheckpointError(f"{where}: {key}={d[key]!r} is not the LDM KL autoencoder (expected {expected!r})")
+    latent = json_field(d, "latent_channels", where, "int", low=1)
+    size = json_field(d, "sample_size", where, "int|ints", 256, low=1)
+    return _config(
+        VAEConfig, where,
         ch=ch,
         ch_mult=tuple(w // ch for w in widths),
-        num_res_blocks=d.get("layers_per_block", 2),
-        z_channels=d["latent_channels"],
-        embed_dim=d["latent_channels"],
-        in_channels=d.get("in_channels", 3),
-        out_ch=d.get("out_channels", 3),
-        resolution=d.get("sample_size", 256),
-        scale_factor=d.get("scaling_factor", 0.18215),
-    )
+        num_res_blocks=json_field(d, "layers_per_block", where, "int", 2, low=1),
+        z_channels=latent,
+        embed_dim=latent,
+        in_channels=json_field(d, "in_channels", where, "int", 3, low=1),
+        out_ch=json_field(d, "out_channels", where, "int", 3, low=1),
+        resolution=size if isinstance(size, int) else size[0],
+        scale_factor=json_field(d, "scaling_factor", where, "number", 0.18215),
+    )  # fmt: skip
 
 
 def vae_table(config: VAEConfig) -> KeyTable:
@@ -307,7 +412,18 @@ def text_to_hf(cfg: TextConfig) -> dict[str, Any]:
     }
 
 
-def text_from_hf(d: Mapping[str, Any], *, projection: bool, where: str = "text_encoder/config.json") -> TextConfig:
+# The fields of a transformers `CLIPTextConfig` that `TextConfig.from_hf_config` reads, and their JSON kinds.
+_HF_TEXT_FIELDS = {"hidden_size": "int", "num_attention_heads": "int", "num_hidden_layers": "int",
+                   "intermediate_size": "int", "hidden_act": "str", "vocab_size": "int",
+                   "max_position_embeddings": "int", "layer_norm_eps": "number"}  # fmt: skip
+
+
+def text_from_hf(d: Mapping[str, Any], *, projection: bool, where: object = "text_encoder/config.json") -> TextConfig:
+    """A `TextConfig` from a transformers `CLIPTextConfig` config.json (see `TextConfig.from_hf_config`),
+    every field it reads checked for its JSON type first: `from_hf_config` converts with int()."""
+    fields = {**_HF_TEXT_FIELDS, **({"projection_dim": "int"} if projection else {})}
+    for key, kind in fields.items():
+        json_field(d, key, where, kind, low=(0 if key == "num_hidden_layers" else 1) if kind == "int" else None)
     try:
         return TextConfig.from_hf_config(d, projection=projection)
     except ValueError as e:
@@ -338,9 +454,11 @@ def write_tokenizer(folder: Path, *, pad_token: str) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     merges = read_merges()
     vocab = vocabulary(merges)
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False))
+    # written as UTF-8 whatever the locale (the byte characters are not ASCII)
+    vocab_json = json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False)
+    atomic_write_text(folder / "vocab.json", vocab_json, overwrite=True)
     lines = [" ".join(m) for m in merges]
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(lines) + "\n", encoding="utf-8")
+    atomic_write_text(folder / "merges.txt", "#version: 0.2\n" + "\n".join(lines) + "\n", overwrite=True)
     config = {
         "tokenizer_class": "CLIPTokenizer",
         "model_max_length": 77,
@@ -350,6 +468,6 @@ def write_tokenizer(folder: Path, *, pad_token: str) -> None:
         "pad_token": pad_token,
         "do_lower_case": True,
     }
-    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    atomic_write_text(folder / "tokenizer_config.json", json.dumps(config, indent=2), overwrite=True)
     special = {k: config[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
-    (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
+    atomic_write_text(folder / "special_tokens_map.json", json.dumps(special, indent=2), overwrite=True)

@@ -45,12 +45,15 @@ class TextEncoderUse:
             `FrozenOpenCLIPEmbedder`), or not (SDXL's `layer: hidden` / `legacy: False`).
         pad_token_id: `<|endoftext|>` (49407) for OpenAI CLIP as SD1 and SDXL use it;
             0 for open_clip's tokenizer (SD2, SDXL's bigG).
+        tokenizer: whose special-token literals a prompt may contain (`tokenizer.SPECIAL_TOKENS`):
+            "hf" (transformers' CLIPTokenizer, CLIP-L) or "open_clip" (OpenCLIP-H, bigG).
         pooled: this encoder supplies the pooled text embedding (SDXL's bigG).
     """
 
     layer: int
     final_ln: bool
     pad_token_id: int
+    tokenizer: str
     pooled: bool = False
 
 
@@ -58,7 +61,7 @@ class TextEncoderUse:
 class TextEncoderSpec:
     """One text encoder of a family: its architecture, where its weights sit, how it is read.
 
-    `skip`, `final_ln`, `pad_token_id` and `pooled` are the official embedder's settings;
+    `skip`, `final_ln`, `pad_token_id`, `tokenizer` and `pooled` are the official embedder's settings;
     `skip` counts the blocks of the full tower after the one read (0: "last", 1: "penultimate")."""
 
     config: TextConfig  # the full tower, as the official file holds it
@@ -68,6 +71,7 @@ class TextEncoderSpec:
     skip: int
     final_ln: bool
     pad_token_id: int
+    tokenizer: str  # the embedder's tokenizer: "hf" (transformers CLIPTokenizer) or "open_clip"
     pooled: bool = False
     # diffusers' converter drops SD2's last OpenCLIP block (and the projection), which the
     # penultimate-layer context never reads: its folders hold a tower one block shorter.
@@ -76,7 +80,7 @@ class TextEncoderSpec:
     def use(self, full_layers: int | None = None) -> TextEncoderUse:
         """The reading of a tower whose full (official) depth is `full_layers` (default: `config`'s)."""
         layers = self.config.layers if full_layers is None else full_layers
-        return TextEncoderUse(layers - self.skip, self.final_ln, self.pad_token_id, self.pooled)
+        return TextEncoderUse(layers - self.skip, self.final_ln, self.pad_token_id, self.tokenizer, self.pooled)
 
 
 @dataclass(frozen=True)
@@ -128,21 +132,22 @@ _SD1_CLIP = TextEncoderSpec(
     skip=0,
     final_ln=True,
     pad_token_id=EOT_TOKEN_ID,
+    tokenizer="hf",
 )
 # SD2 `FrozenOpenCLIPEmbedder` (v2-inference.yaml, layer "penultimate"): block 23 of 24, then ln_final.
 _SD2_CLIP = TextEncoderSpec(
     OPENCLIP_VIT_H14, "open_clip", "cond_stage_model.model.", "text_encoder", skip=1, final_ln=True, pad_token_id=0,
-    diffusers_drops_last=True,
+    tokenizer="open_clip", diffusers_drops_last=True,
 )  # fmt: skip
 # sd_xl_base.yaml: embedders.0 is `FrozenCLIPEmbedder` (layer: hidden, layer_idx: 11),
 # embedders.1 is `FrozenOpenCLIPEmbedder2` (layer: penultimate, always_return_pooled, legacy: False).
 _SDXL_CLIP_L = TextEncoderSpec(
     CLIP_VIT_L14, "hf", "conditioner.embedders.0.transformer.", "text_encoder", skip=1, final_ln=False,
-    pad_token_id=EOT_TOKEN_ID,
+    pad_token_id=EOT_TOKEN_ID, tokenizer="hf",
 )  # fmt: skip
 _SDXL_BIGG = TextEncoderSpec(
     OPENCLIP_VIT_BIGG14, "open_clip", "conditioner.embedders.1.model.", "text_encoder_2", skip=1, final_ln=False,
-    pad_token_id=0, pooled=True,
+    pad_token_id=0, tokenizer="open_clip", pooled=True,
 )  # fmt: skip
 # sd_xl_refiner.yaml: embedders.0 is the bigG `FrozenOpenCLIPEmbedder2` alone.
 _REFINER_BIGG = dataclasses.replace(_SDXL_BIGG, official_prefix="conditioner.embedders.0.model.")

@@ -15,13 +15,22 @@ and diffusers folders is `families.py`'s table; the rendered tables are in docs/
 
 from __future__ import annotations
 
-import torch
+import dataclasses
+import functools
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 
-from .clip import TextConfig
+import torch
+from torch import nn
+
+from . import unet as _unet
+from . import vae as _vae
+from .clip import ResidualAttentionBlock, TextConfig, TextTransformer
 from .families import UNET_PREFIX, VAE_PREFIX, Family
 from .keymap import Ignore, KeyTable, Rule
-from .unet import UNetModel
-from .vae import AutoencoderKL
+from .unet import UNetConfig, UNetModel, block_plan
+from .vae import AutoencoderKL, VAEConfig, level_plan
 
 
 # (ours, their HF transformers names, transform), in our state-dict order: the one list both
@@ -146,3 +155,98 @@ def ignore_reason(key: str, tables: dict[str, KeyTable]) -> str | None:
         if reason is not None:
             return reason
     return None
+
+
+# ------------------------------------------------------------------------------ sizes
+# How many tensors and elements an architecture implies, to check a config against the file's
+# header before anything is built: a config.json claiming 10**7 layers, or a full-size preset on a
+# tiny file, is refused in milliseconds (`checkpoint.check_sizes`).
+@dataclass(frozen=True)
+class Size:
+    """The tensors of a component, and their elements in all (the key tables' transforms keep both sums)."""
+
+    tensors: int = 0
+    numel: int = 0
+
+    def __add__(self, other: Size) -> Size:
+        return Size(self.tensors + other.tensors, self.numel + other.numel)
+
+    def __mul__(self, n: int) -> Size:
+        return Size(self.tensors * n, self.numel * n)
+
+
+@functools.lru_cache(maxsize=1024)
+def _built(cls: type, *args: object) -> Size:
+    """The size of one block, built on the meta device (no memory, microseconds)."""
+    with torch.device("meta"):
+        state = cls(*args).state_dict()
+    return Size(len(state), sum(v.numel() for v in state.values()))
+
+
+def unet_size(cfg: UNetConfig) -> Size:
+    """What `UNetModel(cfg)` holds, summed over its block plan, each distinct block built once on meta:
+    the same composition as `UNetModel.__init__` (tests/test_robust_files.py checks the two agree)."""
+    mc, emb = cfg.model_channels, 4 * cfg.model_channels
+    size = _built(nn.Linear, mc, emb) + _built(nn.Linear, emb, emb) + _built(nn.Conv2d, cfg.in_channels, mc, 3)
+    if cfg.adm_in_channels is not None:  # label_emb
+        size += _built(nn.Linear, cfg.adm_in_channels, emb) + _built(nn.Linear, emb, emb)
+
+    def transformer(ch: int, depth: int) -> Size:
+        heads, dim_head = cfg.heads(ch)
+        shell = _built(_unet.SpatialTransformer, ch, heads, dim_head, 0, cfg.context_dim, cfg.use_linear_in_transformer)
+        return shell + _built(_unet.BasicTransformerBlock, ch, heads, dim_head, cfg.context_dim) * depth
+
+    plan = block_plan(cfg)
+    for b in (*plan.inputs, *plan.outputs):
+        if b.down:
+            size += _built(_unet.Downsample, b.ch_in)
+            continue
+        size += _built(_unet.ResBlock, b.ch_in, emb, b.ch_out)
+        size += transformer(b.ch_out, cfg.depths[b.level]) if b.attn else Size()
+        size += _built(_unet.Upsample, b.ch_out) if b.up else Size()
+    ch = plan.middle_channels
+    size += _built(_unet.ResBlock, ch, emb, ch) * 2 + transformer(ch, cfg.middle_depth)
+    return size + _built(nn.GroupNorm, 32, mc) + _built(nn.Conv2d, mc, cfg.out_channels, 3)
+
+
+def vae_size(cfg: VAEConfig) -> Size:
+    """What `AutoencoderKL(cfg)` holds, summed over its level plan (as `unet_size`)."""
+    plan = level_plan(cfg)
+    c, z = plan.mid_channels, cfg.z_channels
+    mid = _built(_vae.ResnetBlock, c, c, 0.0) * 2 + _built(_vae.AttnBlock, c)
+    size = _built(nn.Conv2d, cfg.in_channels, cfg.ch, 3) + mid + _built(nn.GroupNorm, 32, c)
+    size += _built(nn.Conv2d, c, 2 * z, 3) + _built(nn.Conv2d, z, c, 3) + mid  # encoder out, decoder in
+    for lv, resample in [(lv, _vae.Downsample) for lv in plan.down] + [(lv, _vae.Upsample) for lv in plan.up]:
+        size += sum((_built(_vae.ResnetBlock, c_in, c_out, 0.0) for c_in, c_out in lv.blocks), Size())
+        size += _built(resample, lv.channels) if lv.resample else Size()
+    c0 = plan.up[0].channels
+    size += _built(nn.GroupNorm, 32, c0) + _built(nn.Conv2d, c0, cfg.out_ch, 3)
+    return size + _built(nn.Conv2d, 2 * z, 2 * cfg.embed_dim, 1) + _built(nn.Conv2d, cfg.embed_dim, z, 1)
+
+
+def text_size(cfg: TextConfig) -> Size:
+    """What `TextTransformer(cfg)` holds: the embeddings and heads, plus `layers` identical blocks."""
+    shell = _built(TextTransformer, dataclasses.replace(cfg, layers=0))
+    return shell + _built(ResidualAttentionBlock, cfg) * cfg.layers
+
+
+def component_sizes(family: Family) -> list[Size]:
+    """The size of each component of `family`, in `component_names` order."""
+    return [unet_size(family.unet), vae_size(family.vae), *(text_size(t.config) for t in family.text)]
+
+
+def held_size(shapes: Mapping[str, tuple[int, ...]], prefix: str, ignores: Iterable[KeyTable] = ()) -> Size:
+    """What a file holds under `prefix` (its keys' shapes), less the keys some table ignores."""
+    ignores = tuple(ignores)
+    kept = [s for k, s in shapes.items() if k.startswith(prefix) and not any(t.ignored_reason(k) for t in ignores)]
+    return Size(len(kept), sum(math.prod(s) for s in kept))
+
+
+def official_sizes(family: Family, shapes: Mapping[str, tuple[int, ...]], *, use_ema: bool = False) -> list[Size]:
+    """What an official file holds for each component of `family` (as `component_sizes`): the keys under
+    each component's prefix, less the ignored ones (schedule buffers, `position_ids`, `logit_scale`, ...)."""
+    sizes = [held_size(shapes, _ema_key("") if use_ema else UNET_PREFIX), held_size(shapes, VAE_PREFIX)]
+    for enc in family.text:
+        table = text_table(enc.config, enc.layout, set(shapes), enc.official_prefix)
+        sizes.append(held_size(shapes, enc.official_prefix, (OFFICIAL_EXTRAS, table)))
+    return sizes

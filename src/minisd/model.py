@@ -18,6 +18,8 @@ where minisd differs from diffusers on purpose.
 from __future__ import annotations
 
 import logging
+import math
+import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,10 +40,14 @@ from .pipeline import (
     Prompt,
     Sampled,
     Sampling,
+    check_finite,
+    check_latents,
+    check_tensor,
     img2img,
     inpaint,
     inpaint_blend,
     refine,
+    shown,
     txt2img,
 )
 from .samplers import SAMPLER_NAMES, Callback
@@ -66,6 +72,7 @@ def load(
     vae_dtype: torch.dtype = torch.float32,
     variant: str | None = None,
     allow_pickle: bool = False,
+    mmap: bool = False,
 ) -> StableDiffusion:
     """Load an official single-file checkpoint or a diffusers folder, ready to generate.
 
@@ -75,12 +82,14 @@ def load(
         dtype: dtype of the U-Net and text encoders (default: float32, as diffusers). Each
             tensor is cast once as it is read, so an fp16 file loaded as fp16 is never upcast.
         family: override the detected family ("sd1", "sd2-v", ...).
-        config: a non-standard architecture (see `checkpoint.apply_config`), for tiny or custom models.
+        config: a non-standard architecture (see `sources.apply_config`), for tiny or custom models.
         prediction_type: override the prediction type ("epsilon" or "v_prediction").
         use_ema: load the `model_ema.*` copy of the U-Net from a non-pruned file.
         vae_dtype: the VAE's dtype; float32 by default because the SDXL VAE overflows in fp16.
         variant: a diffusers weights variant such as "fp16" (`*.fp16.safetensors`).
         allow_pickle: read `.ckpt`/`.pt` files with `torch.load(weights_only=True)`.
+        mmap: keep weights that need no cast as views of the file's memory map instead of copies; the
+            file must then never change while the model lives (see `checkpoint.load_components`).
     """
     components = load_components(
         path,
@@ -93,6 +102,7 @@ def load(
         vae_dtype=vae_dtype,
         variant=variant,
         allow_pickle=allow_pickle,
+        mmap=mmap,
     )
     return StableDiffusion(**vars(components))
 
@@ -137,18 +147,21 @@ class StableDiffusion(Components):
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Images `(B, 3, H, W)` in [0, 1] -> scaled latents: a posterior sample (drawn from
-        `generator`, diffusers' `retrieve_latents(sample_mode="sample")`) times `scale_factor`. fp32."""
+        `generator`, diffusers' `retrieve_latents(sample_mode="sample")`) times `scale_factor`. fp32.
+        A non-finite result raises `NonFiniteError` ("VAE encoder")."""
         vae_device = next(self.vae.parameters()).device
         posterior = self.vae.encode((2.0 * images - 1.0).to(vae_device))  # [0, 1] -> [-1, 1]
-        return (posterior.sample(generator) * self.scale_factor).float()
+        return check_finite((posterior.sample(generator) * self.scale_factor).float(), "VAE encoder")
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, output: str = "pil") -> list[PIL.Image.Image] | torch.Tensor:
         """Scaled (VP) latents -> PIL images, or a `(B, 3, H, W)` fp32 tensor in [0, 1] (`output="tensor"`).
-        The VAE runs in its own dtype (keep it fp32: the SDXL VAE overflows in fp16)."""
+        The VAE runs in its own dtype (keep it fp32: the SDXL VAE overflows in fp16). A non-finite
+        output raises `NonFiniteError` ("VAE decoder") instead of a black or white image."""
         _check_choice("output", output, ("pil", "tensor"))
         vae_device = next(self.vae.parameters()).device
-        images = to_unit_range(self.vae.decode(latents.to(vae_device) / self.scale_factor))
+        decoded = self.vae.decode(check_tensor("latents", latents).to(vae_device) / self.scale_factor)
+        images = to_unit_range(check_finite(decoded, "VAE decoder"))  # clamping would hide inf (white), NaN -> black
         return tensor_to_pil(images) if output == "pil" else images
 
     @torch.no_grad()
@@ -198,15 +211,18 @@ class StableDiffusion(Components):
         estimate is returned). `init_image` (+ `strength`), `mask_image`, `init_latents` (+
         `denoising_start`) and `denoising_end` pick the pipeline; `original_size`,
         `crop_coords_top_left`, `target_size` and the aesthetic scores are SDXL's micro-conditioning.
+        A bad argument raises a ValueError naming it; a NaN or inf from a model, `NonFiniteError`.
         """
         _check_choice("output", output, OUTPUT_TYPES)
         _check_choice("noise", noise, NOISE_CONVENTIONS)
+        _check_numbers(width=width, height=height, steps=steps, num_images=num_images, seed=seed, clip_skip=clip_skip,
+                       guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, strength=strength, eta=eta,
+                       denoising_start=denoising_start, denoising_end=denoising_end)  # fmt: skip
         sampling = _sampling(sampler, steps, timestep_spacing, eta, schedule, denoising_end)
         images = None if init_image is None else images_to_tensor(init_image)
         masks = None if mask_image is None else masks_to_tensor(mask_image)
-        if images is not None and init_latents is not None:
-            raise ValueError("pass init_image or init_latents, not both")
-        size = self._output_size(width, height, images, init_latents)
+        init = self._init(images, init_latents)
+        size = self._output_size(width, height, init)
         micro = self._micro_conditioning(
             size,
             original_size=original_size,
@@ -223,13 +239,6 @@ class StableDiffusion(Components):
             strength = 1.0 if strength is None else strength  # diffusers' default: a pure-noise start
             result = pipeline(self, text, sampling, rng, MaskedImage(images, masks), strength, callback)
         else:
-            init = (
-                InitImage(images)
-                if images is not None
-                else InitLatents(init_latents)
-                if init_latents is not None
-                else None
-            )
             result = self._run(text, sampling, rng, size, init, strength, denoising_start, callback)
         return result.latents if output == "latent" else self.decode(result.latents, output)
 
@@ -276,11 +285,10 @@ class StableDiffusion(Components):
         negatives = _prompt_list(negative_prompt, "negative_prompt")
         if len(negatives) not in (1, len(prompts)):
             raise ValueError(f"negative_prompt: expected 1 or {len(prompts)} (one per prompt), got {len(negatives)}")
-        if not isinstance(num_images, int) or num_images < 1:
-            raise ValueError(f"num_images: expected an integer >= 1, got {num_images!r}")
         scale = self.family.default_guidance if guidance_scale is None else float(guidance_scale)
         negatives = negatives * len(prompts) if len(negatives) == 1 else negatives
-        return Prompt(tuple(prompts), tuple(negatives), micro, num_images, scale, guidance_rescale, clip_skip)
+        rescale, n, skip = float(guidance_rescale), int(num_images), int(clip_skip)  # numpy numbers -> Python
+        return Prompt(tuple(prompts), tuple(negatives), micro, n, scale, rescale, skip)
 
     def _micro_conditioning(self, size: tuple[int, int], **given) -> MicroConditioning:
         """SDXL's size/crop/aesthetic conditioning (default: the output size, no crop), checked against
@@ -293,25 +301,35 @@ class StableDiffusion(Components):
                 raise ValueError(
                     f"{name} is not an input of the {self.family.name!r} family (it takes {allowed or 'none'})"
                 )
+            if value is not None:
+                _check_finite_numbers(name, value)
         values = {k: v for k, v in given.items() if v is not None}
         return MicroConditioning(**{"original_size": size, "target_size": size, **values})
 
-    def _output_size(
-        self, width: int | None, height: int | None, images: torch.Tensor | None, init_latents: torch.Tensor | None
-    ) -> tuple[int, int]:
+    def _init(self, images: torch.Tensor | None, init_latents: torch.Tensor | None) -> Init | None:
+        """Where img2img or the refiner starts: the init image, or checked init latents, or nothing."""
+        if images is not None and init_latents is not None:
+            raise ValueError("pass init_image or init_latents, not both")
+        if images is not None:
+            return InitImage(images)
+        if init_latents is not None:
+            return InitLatents(check_latents("init_latents", init_latents, self.unet.config.out_channels))
+        return None
+
+    def _output_size(self, width: int | None, height: int | None, init: Init | None) -> tuple[int, int]:
         """(height, width) in pixels: given, else the init's size, else the family's; checked."""
         f = self.vae.config.downsample_factor
-        init = None
-        if images is not None:
-            init = tuple(images.shape[-2:])
-        elif init_latents is not None:
-            init = (init_latents.shape[-2] * f, init_latents.shape[-1] * f)
-        default = init or (self.family.default_size, self.family.default_size)
-        height = default[0] if height is None else height
-        width = default[1] if width is None else width
-        if init is not None and (height, width) != init:
+        size = None
+        if isinstance(init, InitImage):
+            size = tuple(init.images.shape[-2:])
+        elif isinstance(init, InitLatents):
+            size = (init.given.shape[-2] * f, init.given.shape[-1] * f)
+        default = size or (self.family.default_size, self.family.default_size)
+        height = default[0] if height is None else int(height)
+        width = default[1] if width is None else int(width)
+        if size is not None and (height, width) != size:
             raise ValueError(
-                f"width x height {width}x{height} differs from the init image's {init[1]}x{init[0]}; "
+                f"width x height {width}x{height} differs from the init image's {size[1]}x{size[0]}; "
                 "resize the image first"
             )
         m = self.size_multiple
@@ -325,15 +343,88 @@ class StableDiffusion(Components):
 
 
 # ---------------------------------------------------------------------- request checks
+@dataclass(frozen=True)
+class _Number:
+    """What one number of a request must be: an integer (never a bool) or a finite real, in [low, high]
+    ((low, high) when `open`); `optional` ones may be None (their default)."""
+
+    integer: bool = False
+    low: float | None = None
+    high: float | None = None
+    open: bool = False
+    optional: bool = False
+
+    def expected(self) -> str:
+        if self.low is None:
+            return "an integer" if self.integer else "a finite number"
+        if self.high is None:
+            return f"an integer >= {self.low}" if self.integer else f"a number >= {self.low}"
+        bounds = f"({self.low}, {self.high})" if self.open else f"[{self.low}, {self.high}]"
+        return f"an integer in {bounds}" if self.integer else f"a value in {bounds}"
+
+    def check(self, name: str, value: object) -> None:
+        if value is None and self.optional:
+            return
+        kind = numbers.Integral if self.integer else numbers.Real
+        if not isinstance(value, kind) or isinstance(value, bool):
+            python = "int" if self.integer else "float"
+            raise ValueError(f"{name}: expected {self.expected()}, got {shown(value)} ({type(value).__name__}); "
+                             f"pass a Python {python}")  # fmt: skip
+        low = -math.inf if self.low is None else self.low
+        high = math.inf if self.high is None else self.high
+        inside = low < value < high if self.open else low <= value <= high  # False for NaN
+        try:
+            finite = self.integer or math.isfinite(value)
+        except OverflowError:  # an int beyond float range, for a float argument
+            finite = False
+        if not (inside and finite):
+            raise ValueError(f"{name}: expected {self.expected()}, got {shown(value)}")
+
+
+# The numbers of `generate`. Their consequences (sizes vs the model, steps vs strength) are checked
+# where they are used; here only type and range, so that a NaN, inf, bool or str is named up front
+# instead of passing silently (NaN > 1 is False: a NaN guidance_scale used to turn guidance off).
+_NUMBERS = {
+    "width": _Number(integer=True, optional=True),
+    "height": _Number(integer=True, optional=True),
+    "steps": _Number(integer=True, low=1),
+    "num_images": _Number(integer=True, low=1),
+    "clip_skip": _Number(integer=True, low=0),
+    "seed": _Number(integer=True, low=-(2**63), high=2**64 - 1, optional=True),  # torch's manual_seed range
+    "guidance_scale": _Number(optional=True),
+    "guidance_rescale": _Number(low=0, high=1),
+    "strength": _Number(low=0, high=1, optional=True),
+    "eta": _Number(low=0, high=1, optional=True),
+    "denoising_start": _Number(low=0, high=1, open=True, optional=True),
+    "denoising_end": _Number(low=0, high=1, open=True, optional=True),
+}
+
+
+def _check_numbers(**values: object) -> None:
+    for name, value in values.items():
+        _NUMBERS[name].check(name, value)
+
+
+def _check_finite_numbers(name: str, value: object) -> None:
+    """SDXL micro-conditioning (a pair, a score, or a row per image): finite numbers."""
+    try:
+        ok = not isinstance(value, bool) and bool(torch.isfinite(torch.as_tensor(value, dtype=torch.float64)).all())
+    except (TypeError, ValueError, RuntimeError):  # strings, ragged lists
+        ok = False
+    if not ok:
+        raise ValueError(f"{name}: expected finite numbers (one set for all images, or one per image), "
+                         f"got {shown(value)}")  # fmt: skip
+
+
 def _check_choice(name: str, value: object, choices: Sequence[str]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name}: expected one of {tuple(choices)}, got {value!r}")
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name}: expected one of {tuple(choices)}, got {shown(value)}")
 
 
 def _prompt_list(prompt: str | Sequence[str], name: str) -> list[str]:
     prompts = [prompt] if isinstance(prompt, str) else list(prompt) if isinstance(prompt, Sequence) else []
     if not prompts or not all(isinstance(p, str) for p in prompts):
-        raise ValueError(f"{name}: expected a str or a non-empty list of str, got {prompt!r:.80}")
+        raise ValueError(f"{name}: expected a str or a non-empty list of str, got {shown(prompt)}")
     return prompts
 
 
@@ -346,10 +437,10 @@ def _sampling(
     denoising_end: float | None,
 ) -> Sampling:
     _check_choice("sampler", sampler, SAMPLER_NAMES)
-    if not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps: expected an integer >= 1, got {steps!r}")
+    if schedule is not None and not isinstance(schedule, DiscreteSchedule):
+        raise ValueError(f"schedule: expected a DiscreteSchedule or None, got {shown(schedule)}")
     schedule = DiscreteSchedule.scaled_linear() if schedule is None else schedule
-    return Sampling(sampler, steps, spacing, eta, schedule, denoising_end)
+    return Sampling(sampler, int(steps), spacing, eta, schedule, denoising_end)  # checked by _check_numbers
 
 
 def _check_inpainting(
@@ -375,10 +466,12 @@ def _make_generator(seed: int | None, generator: torch.Generator | None) -> torc
     if seed is not None and generator is not None:
         raise ValueError("pass seed or generator, not both")
     if generator is not None:
+        if not isinstance(generator, torch.Generator):
+            raise ValueError(f"generator: expected a torch.Generator, got {shown(generator)}; or pass seed=")
         return generator
     generator = torch.Generator("cpu")
     if seed is None:
         logger.info("minisd: seed %d", generator.seed())  # non-deterministic, recorded
     else:
-        generator.manual_seed(seed)
+        generator.manual_seed(int(seed))  # a numpy integer too (checked by _check_numbers)
     return generator

@@ -13,12 +13,16 @@ Each pipeline is a straight line over the same named steps (as mlx-examples'
 `StableDiffusion.generate` (`minisd.model`) checks a request and picks the pipeline.
 Choices made only to match diffusers for the same seed live in `compat`; the
 conventions (sizes, VP latents, seeds, batch order) are in docs/pipelines.md.
+
+A component whose output is NaN or infinite (NaN weights, an fp16 overflow) stops the run with a
+`NonFiniteError` naming it and the step, rather than a black or white image (`check_finite`).
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import reprlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -36,6 +40,84 @@ if TYPE_CHECKING:
     from .model import StableDiffusion
 
 logger = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------- errors
+# reprlib elides inside long strings and containers without building their whole repr.
+_REPR = reprlib.Repr()
+_REPR.maxstring, _REPR.maxother, _REPR.maxlevel = 60, 60, 2
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxset = 6
+_REPR.maxdict = 4
+_SHOWN_MAX = 160  # characters of a value in an error message
+
+
+def shown(value: object) -> str:
+    """`value` as an error message shows it: a tensor or array by its type, shape and dtype;
+    anything else by its repr, elided to a readable length, with the length it really has
+    (a 10,000-item list or a 1 MB prompt must not flood the message)."""
+    if hasattr(value, "shape") and hasattr(value, "dtype"):
+        return f"a {type(value).__name__} of shape {tuple(value.shape)} ({value.dtype})"
+    text = _REPR.repr(value)
+    text = text if len(text) <= _SHOWN_MAX else text[: _SHOWN_MAX - 3] + "..."
+    if isinstance(value, str | bytes) and len(value) > _REPR.maxstring:
+        return f"{text} ({len(value)} characters)"
+    if isinstance(value, list | tuple | set | dict) and len(value) > _REPR.maxlist:
+        return f"{text} ({len(value)} items)"
+    return text
+
+
+_FP32 = "If the model runs in fp16, load it in fp32 (`minisd.load(..., dtype=torch.float32)`)"
+_VAE32 = "{} in fp32 (`minisd.load(..., vae_dtype=torch.float32)`, the default: the SDXL VAE overflows in fp16)"
+_WEIGHTS = "if it already is, the checkpoint's {} weights hold NaN or inf: check or re-download the file."
+# What to try, by component (A1111 suggests the same: fp32 first, then the checkpoint).
+_NON_FINITE_ADVICE = {
+    "U-Net": f"{_FP32}; {_WEIGHTS.format('U-Net')}",
+    "text encoder": f"{_FP32}; {_WEIGHTS.format('text encoder')}",
+    "VAE encoder": f"{_VAE32.format('Encode')}; {_WEIGHTS.format('VAE')}",
+    "VAE decoder": f"{_VAE32.format('Decode')}; {_WEIGHTS.format('VAE')}",
+}
+
+
+class NonFiniteError(ValueError):
+    """A component's output holds NaN or infinite values, so the image would silently come out black or
+    white (A1111: "A tensor with all NaNs was produced in Unet"). `component` is "U-Net", "text encoder",
+    "VAE encoder" or "VAE decoder"; for the U-Net, `step` (0-based, the callback's "i") of `steps`, and
+    `sigma`, say where."""
+
+    def __init__(self, component: str, step: int | None = None, steps: int | None = None,
+                 sigma: float | None = None) -> None:  # fmt: skip
+        where = "" if step is None else f" at step {step} of {steps} (0-based; sigma {sigma:.4g})"
+        advice = _NON_FINITE_ADVICE.get(component, "Check the checkpoint's weights.")
+        super().__init__(f"{component} output is NaN or infinite{where}; the image would come out black or white. "
+                         f"{advice}")  # fmt: skip
+        self.component, self.step, self.steps, self.sigma = component, step, steps, sigma
+
+
+def check_finite(t: torch.Tensor, component: str, **where) -> torch.Tensor:
+    """`t`, if all its values are finite; else a `NonFiniteError` naming `component` (and `where`: step,
+    steps, sigma). One reduction and one device sync per call, cheap beside the model call it checks."""
+    if not bool(torch.isfinite(t).all()):
+        raise NonFiniteError(component, **where)
+    return t
+
+
+def check_tensor(name: str, value: object) -> torch.Tensor:
+    """A tensor argument (`latents`, `init_latents`): a floating-point tensor whose values are all finite."""
+    if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+        raise ValueError(f"{name}: expected a floating-point torch.Tensor, got {shown(value)}")
+    bad = int((~torch.isfinite(value)).sum())
+    if bad:
+        raise ValueError(f"{name}: expected finite values, got {bad} NaN or infinite of {value.numel()}; "
+                         "check where it came from (NaN latents decode to a black image)")  # fmt: skip
+    return value
+
+
+def check_latents(name: str, value: object, channels: int) -> torch.Tensor:
+    """Latents to start from: a finite float tensor `(B, channels, h, w)`."""
+    t = check_tensor(name, value)
+    if t.dim() != 4 or t.shape[1] != channels:
+        raise ValueError(f"{name}: expected (B, {channels}, h, w), got {tuple(t.shape)}")
+    return t
 
 
 # ---------------------------------------------------------------------- what a pipeline is asked
@@ -114,11 +196,8 @@ class InitLatents:
     given: torch.Tensor
 
     def latents(self, sd: StableDiffusion, prompt: Prompt, generator: torch.Generator) -> torch.Tensor:
-        if self.given.dim() != 4 or self.given.shape[1] != sd.unet.config.out_channels:
-            raise ValueError(
-                f"init_latents: expected (B, {sd.unet.config.out_channels}, h, w), got {tuple(self.given.shape)}"
-            )
-        return expand(self.given.float(), prompt, "init_latents").to(sd.device)
+        given = check_latents("init_latents", self.given, sd.unet.config.out_channels)
+        return expand(given.float(), prompt, "init_latents").to(sd.device)
 
 
 Init = InitImage | InitLatents
@@ -234,6 +313,7 @@ def encode(sd: StableDiffusion, prompt: Prompt) -> Conditions:
 
 def _condition(sd: StableDiffusion, prompt: Prompt, texts: tuple[str, ...], *, negative: bool):
     c = sd.encode_prompt(list(texts), clip_skip=prompt.clip_skip, zero_empty=negative and sd.family.zero_empty_negative)
+    check_finite(c.context, "text encoder")  # else the U-Net would be blamed for it
     out = {"context": c.context.repeat_interleave(prompt.num_images, dim=0).to(sd.device)}
     if sd.family.y_inputs:  # SDXL: pooled text vector and micro-conditioning (the same sizes for the negative)
         pooled = c.pooled.repeat_interleave(prompt.num_images, dim=0).to(sd.device)
@@ -252,7 +332,7 @@ def draw_noise(sd: StableDiffusion, noise: Noise, shape: tuple[int, ...]) -> tor
     """Unit-variance noise of `shape`, fp32 on the model's device: the caller's `latents`, or a
     draw on the generator's device (diffusers' `randn_tensor`) by the noise convention."""
     if noise.latents is not None:
-        if tuple(noise.latents.shape) != tuple(shape):
+        if tuple(check_tensor("latents", noise.latents).shape) != tuple(shape):
             raise ValueError(
                 f"latents: expected the initial noise of shape {tuple(shape)}, got {tuple(noise.latents.shape)}"
             )
@@ -365,9 +445,12 @@ class _Stopped(Exception):
 def sample(plan: SamplerPlan, model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, generator: torch.Generator,
            callback: Callback | None = None) -> Sampled:  # fmt: skip
     """Step 4: run the sampler over `sigmas` and return the DDPM (VP) latent at the last one. A callback
-    that returns False stops the run; the result is then that step's clean estimate, marked stopped."""
+    that returns False stops the run; the result is then that step's clean estimate, marked stopped.
+    Each step's clean estimate is checked finite (`NonFiniteError` naming the U-Net and the step)."""
+    steps = sigmas.numel() - 1
 
     def on_step(info: dict) -> None:
+        check_finite(info["denoised"], "U-Net", step=info["i"], steps=steps, sigma=info["sigma"])
         if callback is not None and callback(info) is False:
             raise _Stopped(info["i"], info["denoised"])
 
@@ -376,4 +459,6 @@ def sample(plan: SamplerPlan, model: Denoiser, x: torch.Tensor, sigmas: torch.Te
     except _Stopped as stop:
         logger.info("minisd.pipeline: %s", stop)
         return Sampled(stop.denoised, stopped_at=stop.step)  # a clean estimate: sigma 0, where VE = VP
+    # the callback sees each step's first model call; a later one (Heun, DPM2) shows only in the result
+    check_finite(x, "U-Net", step=steps - 1, steps=steps, sigma=float(sigmas[-2]))
     return Sampled(to_variance_preserving(x, float(sigmas[-1])))

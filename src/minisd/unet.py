@@ -25,8 +25,40 @@ from torch.utils.checkpoint import checkpoint
 
 from minisd.attention import attention
 
-
 # --------------------------------------------------------------------------- config
+# Sanity bounds of `UNetConfig.__post_init__`. No released model comes near them (the widest layer
+# is the refiner's 1536 channels, the deepest transformer SDXL's 10 blocks, the most levels 4);
+# they make a mistyped or hostile config (a config.json claiming 10**7 layers) fail at once instead
+# of building modules for minutes. Raise one if a real model ever needs it.
+_MAX_WIDTH = 1 << 16  # channels of any layer, and of the context and y vectors
+_MAX_LEVELS = 8  # resolution levels: 7 halvings take a 1024 px image's 128 x 128 latent to 1 x 1
+_MAX_REPEAT = 64  # ResBlocks per level, transformer blocks per SpatialTransformer
+_MAX_LATENT = 1024  # latent channels in and out (4; 9 for inpainting)
+
+
+def _check_int(owner: str, name: str, value: object, lo: int, hi: int) -> None:
+    """A ValueError naming `owner.name` unless `value` is an int (not a bool) in [lo, hi]."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError(f"{owner}.{name} must be an int, got {type(value).__name__} {repr(value)[:60]}")
+    if not lo <= value <= hi:
+        bound = " (a sanity bound far above any released model)" if value > hi else ""
+        raise ValueError(f"{owner}.{name} must be in [{lo}, {hi}]{bound}, got {value}")
+
+
+def _check_ints(owner: str, config: object, name: str, lo: int, hi: int, max_len: int) -> None:
+    """The same for a tuple field (a list, as JSON gives it, is stored as a tuple), at most `max_len` long."""
+    value = getattr(config, name)
+    if isinstance(value, list):
+        value = tuple(value)
+        object.__setattr__(config, name, value)  # frozen dataclass: the one place a field is normalised
+    if not isinstance(value, tuple):
+        raise ValueError(f"{owner}.{name} must be a tuple of ints, got {type(value).__name__} {repr(value)[:60]}")
+    if len(value) > max_len:
+        raise ValueError(f"{owner}.{name} has {len(value)} entries, more than the bound {max_len}")
+    for i, v in enumerate(value):
+        _check_int(owner, f"{name}[{i}]", v, lo, hi)
+
+
 @dataclass(frozen=True)
 class UNetConfig:
     """Hyperparameters, named as in the official YAMLs (`unet_config` / `network_config`).
@@ -54,6 +86,30 @@ class UNetConfig:
     adm_in_channels: int | None = None  # width of the vector `y` (num_classes="sequential"); None: no y
 
     def __post_init__(self) -> None:
+        """Check the type and range of every field (lists become tuples), then how they fit together,
+        so a bad config fails here, before any module is built."""
+        for name, hi in (("in_channels", _MAX_LATENT), ("out_channels", _MAX_LATENT), ("model_channels", _MAX_WIDTH),
+                         ("num_res_blocks", _MAX_REPEAT), ("context_dim", _MAX_WIDTH)):
+            _check_int("UNetConfig", name, getattr(self, name), 1, hi)
+        _check_ints("UNetConfig", self, "channel_mult", 1, _MAX_WIDTH, _MAX_LEVELS)
+        # downsampling factors 2**level; each level is named at most once or twice
+        _check_ints("UNetConfig", self, "attention_resolutions", 1, 2 ** (_MAX_LEVELS - 1), 8 * _MAX_LEVELS)
+        if not self.channel_mult:
+            raise ValueError("UNetConfig.channel_mult must have at least one level, got ()")
+        if isinstance(self.transformer_depth, (list, tuple)):
+            _check_ints("UNetConfig", self, "transformer_depth", 0, _MAX_REPEAT, _MAX_LEVELS)
+        else:
+            _check_int("UNetConfig", "transformer_depth", self.transformer_depth, 0, _MAX_REPEAT)
+        if self.transformer_depth_middle is not None:
+            _check_int("UNetConfig", "transformer_depth_middle", self.transformer_depth_middle, 0, _MAX_REPEAT)
+        for name in ("num_heads", "num_head_channels"):
+            if getattr(self, name) != -1:  # -1: unset (sgm's convention)
+                _check_int("UNetConfig", name, getattr(self, name), 1, _MAX_WIDTH)
+        if self.adm_in_channels is not None:
+            _check_int("UNetConfig", "adm_in_channels", self.adm_in_channels, 1, _MAX_WIDTH)
+        if not isinstance(self.use_linear_in_transformer, bool):
+            got = f"{type(self.use_linear_in_transformer).__name__} {self.use_linear_in_transformer!r}"
+            raise ValueError(f"UNetConfig.use_linear_in_transformer must be True or False, got {got}")
         heads, head_channels = self.num_heads, self.num_head_channels
         if (heads == -1) == (head_channels == -1):
             # sgm asserts "Either num_heads or num_head_channels has to be set"; when both are set,
@@ -64,6 +120,8 @@ class UNetConfig:
             raise ValueError(f"UNetConfig: transformer_depth has {n} entries, expected {len(self.channel_mult)}")
         for level, mult in enumerate(self.channel_mult):
             ch = self.model_channels * mult
+            if ch > _MAX_WIDTH:
+                raise ValueError(f"UNetConfig: level {level} is {ch} channels wide, over the bound {_MAX_WIDTH}")
             if ch % 32 or ch % (heads if head_channels == -1 else head_channels):
                 raise ValueError(f"UNetConfig: level {level} width {ch} does not split into 32 groups and into heads")
 

@@ -30,6 +30,7 @@ meant to run in fp32, because the SDXL VAE overflows in fp16 (see `AutoencoderKL
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -45,6 +46,23 @@ logger = logging.getLogger(__name__)
 # Normalize() of the reference: GroupNorm(32 groups, eps=1e-6, affine).
 _GROUPS = 32
 _HALF = (torch.float16, torch.bfloat16)
+
+
+# Sanity bounds of `VAEConfig.__post_init__`, far above the SD/SDXL VAE (512 channels, 4 levels, 2 blocks):
+# a mistyped or hostile config fails at once instead of building modules for minutes.
+_MAX_WIDTH = 1 << 16  # channels of any layer
+_MAX_LEVELS = 8  # resolution levels
+_MAX_REPEAT = 64  # ResnetBlocks per level
+_MAX_CHANNELS = 1024  # image and latent channels
+
+
+def _check_int(name: str, value: object, lo: int, hi: int) -> None:
+    """A ValueError naming `VAEConfig.name` unless `value` is an int (not a bool) in [lo, hi]."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError(f"VAEConfig.{name} must be an int, got {type(value).__name__} {repr(value)[:60]}")
+    if not lo <= value <= hi:
+        bound = " (a sanity bound far above any released model)" if value > hi else ""
+        raise ValueError(f"VAEConfig.{name} must be in [{lo}, {hi}]{bound}, got {value}")
 
 
 @dataclass(frozen=True)
@@ -66,6 +84,28 @@ class VAEConfig:
     scale_factor: float = 0.18215  # latents are multiplied by this before diffusion
 
     def __post_init__(self) -> None:
+        """Check the type and range of every field (a list becomes a tuple), then how they fit together."""
+        for name, hi in (("ch", _MAX_WIDTH), ("num_res_blocks", _MAX_REPEAT), ("z_channels", _MAX_CHANNELS),
+                         ("embed_dim", _MAX_CHANNELS), ("in_channels", _MAX_CHANNELS), ("out_ch", _MAX_CHANNELS),
+                         ("resolution", 1 << 20)):
+            _check_int(name, getattr(self, name), 1, hi)
+        for name in ("ch_mult", "attn_resolutions"):
+            if isinstance(getattr(self, name), list):  # as JSON gives it; frozen, so set once here
+                object.__setattr__(self, name, tuple(getattr(self, name)))
+            if not isinstance(getattr(self, name), tuple):
+                raise ValueError(f"VAEConfig.{name} must be a tuple of ints, got {repr(getattr(self, name))[:60]}")
+        if not 1 <= len(self.ch_mult) <= _MAX_LEVELS:
+            raise ValueError(f"VAEConfig.ch_mult must have 1 to {_MAX_LEVELS} levels, got {len(self.ch_mult)}")
+        for i, mult in enumerate(self.ch_mult):
+            _check_int(f"ch_mult[{i}]", mult, 1, _MAX_WIDTH // self.ch)
+        if not isinstance(self.double_z, bool):
+            raise ValueError(f"VAEConfig.double_z must be True or False, got {self.double_z!r}")
+        for name, lo, hi in (("dropout", 0.0, 1.0), ("scale_factor", 0.0, math.inf)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (lo <= v < hi and math.isfinite(v)):
+                raise ValueError(f"VAEConfig.{name} must be a finite number in [{lo}, {hi}), got {repr(v)[:60]}")
+        if self.scale_factor == 0:
+            raise ValueError("VAEConfig.scale_factor must be positive, got 0")
         for mult in self.ch_mult:
             if (self.ch * mult) % _GROUPS != 0:
                 raise ValueError(f"VAEConfig: {self.ch * mult} channels (ch * ch_mult) are not {_GROUPS} groups")

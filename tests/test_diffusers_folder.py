@@ -35,12 +35,7 @@ EULER_CONFIG = {k: v for k, v in SCHEDULER_CONFIG.items() if k not in ("clip_sam
 PROMPTS = ["a photograph of an astronaut riding a horse", "a watercolor of a fox, by the sea"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see tests/conftest.py
 
 
 def tokenizer(tmp_path, pad: str) -> CLIPTokenizer:

@@ -113,14 +113,7 @@ def table_of(scheduler) -> DiscreteSchedule:
     return DiscreteSchedule.from_alphas_cumprod(scheduler.alphas_cumprod)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread for these tiny models (see tests/test_unet.py: on the busy 2-core
-    machine OpenMP barriers made tiny forwards many times slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see tests/conftest.py
 
 
 # --------------------------------------------------------------------------- tiny models

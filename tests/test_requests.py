@@ -43,13 +43,7 @@ OK = dict(width=SIZE, height=SIZE, steps=2, seed=0)
 NAN, INF = math.nan, math.inf
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread for the tiny models (as tests/test_pipeline.py: the machine is shared)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see tests/conftest.py
 
 
 def tiny_model(family: str, seed: int = 0) -> StableDiffusion:

@@ -44,12 +44,7 @@ from tests.tiny import TINY_UNETS, TINY_VAE, official_checkpoint, text_configs, 
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see tests/conftest.py
 
 
 def write(tensors: dict, path: Path, metadata: dict | None = None) -> Path:

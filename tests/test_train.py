@@ -62,13 +62,7 @@ class Pictures(torch.utils.data.Dataset):
         return {"image": self.images[i], "caption": self.captions[i]}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The tiny models are latency-bound: one thread is as fast, and fair to a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see tests/conftest.py
 
 
 # tests/tiny.py's tiny SD1 architecture (1.6M of its 2M parameters are CLIP's 49408-token embedding).

@@ -133,15 +133,7 @@ PUBLISHED = {
 
 
 # --------------------------------------------------------------------------- helpers
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Run this file's tiny models on one intra-op thread (restored afterwards): their
-    tensors are too small to split, and on a busy 2-core machine OpenMP's thread
-    barriers made each forward ~40x slower (1.5 s instead of 40 ms)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see tests/conftest.py
 
 
 def yaml_params(cfg: UNetConfig, context_dim: int | list[int] | None = None) -> dict:

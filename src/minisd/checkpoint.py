@@ -363,7 +363,9 @@ def _save_diffusers(model: Components, folder: Path, metadata: dict[str, str]) -
     index: dict = {"_class_name": family.diffusers_pipeline, "_diffusers_version": "0.42.1",
                    "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]}  # fmt: skip
     text_time = bool(family.y_inputs)  # SDXL's y is "text_time" in diffusers, whatever the model's width
-    write("unet", "config.json", unet_to_diffusers(model.unet.config, text_time=text_time))
+    # diffusers' pipelines default to unet sample_size x the VAE factor: the family's size, as the official folders
+    sample_size = family.default_size // model.vae.config.downsample_factor
+    write("unet", "config.json", unet_to_diffusers(model.unet.config, text_time=text_time, sample_size=sample_size))
     _write_safetensors(unet_table(model.unet.config, text_time=text_time).to_theirs(model.unet.state_dict()),
                        folder / "unet" / "diffusion_pytorch_model.safetensors", metadata, overwrite=True)  # fmt: skip
     write("vae", "config.json", vae_to_diffusers(model.vae.config))

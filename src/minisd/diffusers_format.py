@@ -108,13 +108,15 @@ def _config(cls: type, where: object, **fields: Any) -> Any:
 
 
 # ----------------------------------------------------------------------------------- U-Net
-def unet_to_diffusers(cfg: UNetConfig, *, text_time: bool | None = None) -> dict[str, Any]:
+def unet_to_diffusers(cfg: UNetConfig, *, text_time: bool | None = None, sample_size: int = 64) -> dict[str, Any]:
     """The `UNet2DConditionModel` config of a U-Net (what diffusers' converter writes).
 
     `text_time`: the vector `y` is SDXL's (pooled text + size/crop embeddings: diffusers'
     `addition_embed_type="text_time"`), not a class embedding; the exporter passes what the
     family says (`Family.y_inputs`). None guesses from the context width, as diffusers does for
-    a single file."""
+    a single file. `sample_size` is in latent pixels: diffusers' pipelines default to
+    `sample_size` x the VAE factor, and its converter writes the training size / the VAE factor
+    (128 for SDXL); the exporter passes the family's."""
     widths = [cfg.model_channels * m for m in cfg.channel_mult]
     attn = [2**level in cfg.attention_resolutions for level in range(len(widths))]
     heads = cfg.num_heads if cfg.num_head_channels == -1 else [w // cfg.num_head_channels for w in widths]
@@ -130,7 +132,7 @@ def unet_to_diffusers(cfg: UNetConfig, *, text_time: bool | None = None) -> dict
         "cross_attention_dim": cfg.context_dim,
         "use_linear_projection": cfg.use_linear_in_transformer,
         "transformer_layers_per_block": list(cfg.depths),
-        "sample_size": 64,
+        "sample_size": sample_size,
     }
     if cfg.transformer_depth_middle is not None and cfg.transformer_depth_middle != cfg.depths[-1]:
         raise CheckpointError(f"diffusers has no separate middle-block depth ({cfg.transformer_depth_middle})")

@@ -16,7 +16,9 @@ import json
 import logging
 import os
 import pickle
+import re
 import struct
+from pathlib import Path
 
 import pytest
 import safetensors.torch
@@ -24,8 +26,9 @@ import torch
 from diffusers.loaders.single_file_utils import infer_diffusers_model_type
 
 import minisd
+from minisd import detection
 from minisd.checkpoint import build
-from minisd.detection import TensorInfo, detect_keys, probe_prediction_type
+from minisd.detection import KNOWN_SHA256, TensorInfo, detect_keys, probe_prediction_type
 from minisd.families import FAMILIES, UNET_PREFIX
 from minisd.keymap import CheckpointError
 from minisd.layouts import official_tables
@@ -193,8 +196,9 @@ def test_sd2_without_metadata_runs_the_probe(tmp_path):
     d = minisd.detect(path)
     assert d.family.name == "sd2" and d.prediction_type is None and "identical keys" in d.prediction_reason
     sd = minisd.load(path, config=tiny_config("sd2"))
-    assert sd.prediction_reason.startswith("probe:")
-    assert sd.family.name == {"epsilon": "sd2", "v_prediction": "sd2-v"}[sd.prediction_type]
+    # random weights: the probe is unsure and the family's default stands (tests/test_probe.py)
+    assert sd.prediction_reason.startswith("probe unsure:") and "kept sd2's default" in sd.prediction_reason
+    assert (sd.family.name, sd.prediction_type) == ("sd2", "epsilon")
 
 
 class _AnalyticUNet(torch.nn.Module):
@@ -218,8 +222,35 @@ class _AnalyticUNet(torch.nn.Module):
 @pytest.mark.parametrize("kind", ["epsilon", "v_prediction"])
 @pytest.mark.parametrize("mu, s", [(0.0, 1.0), (0.3, 0.5), (-0.5, 1.2), (0.1, 3.0)])
 def test_probe_on_exact_denoisers(kind, mu, s):
-    decided, reason = probe_prediction_type(_AnalyticUNet(kind, mu, s))
-    assert decided == kind, reason
+    result = probe_prediction_type(_AnalyticUNet(kind, mu, s))
+    assert result.verdict == kind and result.residual < 1e-4, result.reason
+
+
+def test_known_files_table():
+    """Each entry's name agrees with its format, family and prediction type; no hash or name twice."""
+    names = [k.name for k in KNOWN_SHA256.values()]
+    assert len(set(names)) == len(names)
+    assert {k.format for k in KNOWN_SHA256.values()} == {".ckpt", ".safetensors"}
+    for digest, k in KNOWN_SHA256.items():
+        assert re.fullmatch("[0-9a-f]{64}", digest), k
+        assert k.format == Path(k.name).suffix, k
+        family = FAMILIES[k.family]
+        assert k.prediction_type == family.prediction_type, k
+        assert ("inpainting" in k.name) == family.inpainting, k
+        assert ("768" in k.name) == (k.family == "sd2-v") == (k.prediction_type == "v_prediction"), k
+        assert ("refiner" in k.name) == (k.family == "sdxl-refiner"), k
+        assert ("_xl_" in k.name) == k.family.startswith("sdxl"), k
+        assert k.name.startswith(("sd-v1-", "v1-")) == k.family.startswith("sd1"), k
+        assert k.name.startswith(("v2-1_", "512-", "768-")) == k.family.startswith("sd2"), k
+    # a hash listed twice is refused where the table is built (a dict literal would keep the last)
+    row = ("0" * 64, "v1-5-pruned.ckpt", ".ckpt", "sd1", "epsilon")
+    with pytest.raises(ValueError, match="twice"):
+        detection._known(row, (*row[:1], "v1-5-pruned.safetensors", ".safetensors", "sd1", "epsilon"))
+    # the issue's two files, under their own names (the table once gave them the .ckpt hashes)
+    assert KNOWN_SHA256["dcd690123cfc64383981a31d955694f6acf2072a80537fdb612c8e58ec87a8ac"].name == (
+        "v2-1_768-ema-pruned.safetensors")
+    assert KNOWN_SHA256["ad2a33c361c1f593c4a1fb32ea81afce2b5bb7d1983c6b94793a26a3b54b08a0"].name == (
+        "v2-1_768-ema-pruned.ckpt")
 
 
 # ------------------------------------------------------------------------------ save round trip

@@ -44,7 +44,8 @@ def test_info_reports_family_evidence_counts_and_ignored(tmp_path, capsys, monke
     assert "(not a known official file)" in out
     # with the tiny architecture as "the preset" and the file's hash as "official", info says so
     digest = detection.sha256(path)
-    monkeypatch.setitem(detection.KNOWN_SHA256, digest, ("sd_xl_base_1.0.safetensors", "sdxl"))
+    monkeypatch.setitem(detection.KNOWN_SHA256, digest,
+                        detection.KnownFile("sd_xl_base_1.0.safetensors", ".safetensors", "sdxl", "epsilon"))
     detected = cli.detect(path)
     tiny = dataclasses.replace(detected, family=apply_config(detected.family, tiny_config("sdxl")))
     monkeypatch.setattr(cli, "detect", lambda p: tiny)
@@ -55,10 +56,28 @@ def test_info_reports_family_evidence_counts_and_ignored(tmp_path, capsys, monke
 
 def test_sd2_prediction_from_a_known_hash(tmp_path, monkeypatch):
     path = tiny_file(tmp_path, "sd2")
-    monkeypatch.setitem(detection.KNOWN_SHA256, detection.sha256(path), ("v2-1_768-ema-pruned.safetensors", "sd2-v"))
+    known = detection.KnownFile("v2-1_768-ema-pruned.safetensors", ".safetensors", "sd2-v", "v_prediction")
+    monkeypatch.setitem(detection.KNOWN_SHA256, detection.sha256(path), known)
     sd = minisd.load(path, config=tiny_config("sd2"))
     assert (sd.family.name, sd.prediction_type) == ("sd2-v", "v_prediction")
     assert sd.prediction_reason == "SHA-256 of the official v2-1_768-ema-pruned.safetensors"
+
+
+def test_info_shows_the_a1111_short_hash(tmp_path, capsys, monkeypatch):
+    path = tiny_file(tmp_path, "sd2")
+    digest = detection.sha256(path)
+    assert cli.main(["info", str(path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    sha = next(i for i, line in enumerate(lines) if line.startswith("  sha256:"))
+    # right under the full hash: its first 10 hex digits, the "Model hash" A1111 writes into images
+    assert lines[sha].split()[1] == digest and lines[sha + 1].split()[:3] == ["short", "hash:", digest[:10]]
+    monkeypatch.setitem(detection.KNOWN_SHA256, digest,
+                        detection.KnownFile("v2-1_512-ema-pruned.safetensors", ".safetensors", "sd2", "epsilon"))
+    assert cli.main(["info", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert f"{digest}  = official v2-1_512-ema-pruned.safetensors" in out and f"short hash:  {digest[:10]}" in out
+    assert cli.main(["info", "--no-hash", str(path)]) == 0
+    assert "short hash" not in capsys.readouterr().out
 
 
 def test_convert_ckpt_needs_allow_pickle(tmp_path, capsys):
@@ -76,7 +95,7 @@ def test_convert_ckpt_needs_allow_pickle(tmp_path, capsys):
 
 def test_generate_writes_png(tmp_path, capsys):
     path, cfg, out = tiny_file(tmp_path), config_json(tmp_path), tmp_path / "cat.png"
-    args = ["generate", str(path), "a cat", "-o", str(out), "--config", str(cfg), "--steps", "2",
+    args = ["generate", "a cat", "--model", str(path), "-o", str(out), "--config", str(cfg), "--steps", "2",
             "--width", "64", "--height", "64", "--device", "cpu"]
     assert cli.main(args) == 0
     assert Image.open(out).size == (64, 64)
@@ -127,7 +146,7 @@ def test_errors_exit_2_with_a_message(tmp_path, capsys):
 @pytest.mark.parametrize("argv", [["--num-images", "0"], ["--steps", "-1"], ["--device", "nonsense"]])
 def test_bad_arguments_exit_2(argv, capsys):
     with pytest.raises(SystemExit) as info:
-        cli.main(["generate", "model.safetensors", "a cat", *argv])
+        cli.main(["generate", "a cat", "--model", "model.safetensors", *argv])
     assert info.value.code == 2 and "Traceback" not in capsys.readouterr().err
 
 
@@ -157,7 +176,7 @@ def fake_load(monkeypatch):
 
 
 def generate(out, *extra) -> int:
-    return cli.main(["generate", "model.safetensors", "a cat", "-o", str(out), "--device", "cpu", *extra])
+    return cli.main(["generate", "a cat", "--model", "model.safetensors", "-o", str(out), "--device", "cpu", *extra])
 
 
 @pytest.mark.reliability(

@@ -13,6 +13,8 @@ parity; `families` (what differs between v1, v2 and SDXL), `keymap` (strict key 
     image = sd.generate("a photograph of an astronaut riding a horse", seed=0)[0]
 """
 
+from pathlib import Path
+
 from . import train as train  # the training loop (docs/training.md): minisd.train.train(...)
 from .checkpoint import save
 from .detection import DetectedModel, detect
@@ -20,5 +22,9 @@ from .keymap import CheckpointError
 from .model import StableDiffusion, load
 from .pipeline import NonFiniteError
 
+# The tiny SD1-architecture model trained from scratch on `minisd.shapes` (docs/tiny-model.md),
+# shipped inside the package: `minisd.load(minisd.TINY)`; `minisd generate` uses it by default.
+TINY = Path(__file__).parent / "data" / "tiny-sd.safetensors"
+
 __version__ = "0.1.0"
-__all__ = ["CheckpointError", "DetectedModel", "NonFiniteError", "StableDiffusion", "detect", "load", "save"]
+__all__ = ["CheckpointError", "DetectedModel", "NonFiniteError", "StableDiffusion", "TINY", "detect", "load", "save"]

@@ -15,7 +15,7 @@ and openai/CLIP's `build_model` do):
    (the copy is also the cast: one copy of the weights), and load them strictly with
    `load_state_dict(assign=True)`. The model owns its memory; `mmap=True` opts out;
 5. settle the prediction type: metadata, a known file hash, or the one-call probe (on the
-   meta device, the family's default).
+   meta device, or when the probe is unsure, the family's default).
 
 `minisd.load` (in `minisd.model`) composes the result into a `StableDiffusion`.
 `save(model, path, format=)` writes either layout back.
@@ -245,8 +245,9 @@ def _prediction(
     source, fam: Family, given_family: str | None, given: str | None, unet: UNetModel, *, on_meta: bool
 ) -> tuple[Family, str]:
     """The prediction type and its evidence: the caller's word, the source's (metadata, scheduler
-    config), a known official file's, or else the probe (SD2 files without metadata). On the meta
-    device there are no weights to hash or probe: the family's default stands, and says so."""
+    config), a known official file's, or else the probe (SD2 files without metadata). When the probe
+    is unsure (`detection.ProbeResult`), and on the meta device, where there are no weights to hash
+    or probe, the family's default stands (sd2: epsilon), and the reason says so."""
     detected: DetectedModel = source.detected
     if given:
         pt, reason = given, "prediction_type given by the caller"
@@ -262,8 +263,11 @@ def _prediction(
         )
     elif known := source.known_file():
         pt, reason = known
-    else:
-        pt, reason = probe_prediction_type(unet)
+    elif (probe := probe_prediction_type(unet)).verdict != "unsure":
+        pt, reason = probe.verdict, probe.reason
+    else:  # the probe does not guess: the family's default stands, and the reason says why
+        pt, reason = fam.prediction_type, f"{probe.reason}; kept {fam.name}'s default {fam.prediction_type}"
+        logger.warning("%s: %s (pass prediction_type= to choose)", source.path, reason)
     return with_prediction(fam, pt), reason
 
 

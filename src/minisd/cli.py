@@ -1,8 +1,10 @@
 """The `minisd` command line.
 
 minisd info CHECKPOINT                 what a file or folder holds, and why we think so
-minisd generate CHECKPOINT PROMPT -o out.png [--steps 50 --sampler euler --seed 0 ...]
+minisd generate PROMPT -o out.png [--model CHECKPOINT] [--steps 50 --sampler euler --seed 0 ...]
+                                       (no --model: minisd.TINY, the built-in model trained on shapes)
 minisd convert SRC DST [--format official|diffusers] [--allow-pickle] [--dtype fp16]
+minisd eval-shapes [--model CHECKPOINT] [--n 16]   accuracy per attribute on shapes prompts (minisd.shapes)
 minisd demo [-o demo.png]              the whole path on a tiny random model (no weights needed)
 minisd train DATA -o OUT (--model CKPT | --new FAMILY) [--steps N --batch-size B ...]   (minisd.train)
 
@@ -97,9 +99,10 @@ def describe(path: Path, *, with_hash: bool = True) -> str:
         if with_hash:
             digest = sha256(path)
             known = KNOWN_SHA256.get(digest)
-            lines.append(
-                f"  sha256:      {digest}" + (f"  = official {known[0]}" if known else "  (not a known official file)")
-            )
+            named = f"  = official {known.name}" if known else "  (not a known official file)"
+            lines.append(f"  sha256:      {digest}{named}")
+            # A1111 shows (and writes into images' infotext) the first 10 hex digits as the "model hash"
+            lines.append(f"  short hash:  {digest[:10]}  (A1111's model hash)")
     return "\n".join(lines)
 
 
@@ -137,19 +140,19 @@ def _cmd_generate(args) -> int:
     out = Path(args.output)
     paths = [check_destination(p, overwrite=args.overwrite) for p in _output_paths(out, args.num_images)]
     fmt = _image_format(out)
-    check_source(args.checkpoint)
+    model, size = _model_and_size(args.model, args.width, args.height)
     if args.config:
         check_source(args.config)
     # fp16 on a GPU (the VAE stays fp32), fp32 on a CPU, unless --dtype says otherwise
     dtype = _DTYPES[args.dtype] if args.dtype else torch.float16 if args.device.type == "cuda" else torch.float32
-    sd = load(args.checkpoint, device=args.device, dtype=dtype, family=args.family, config=args.config)
+    sd = load(model, device=args.device, dtype=dtype, family=args.family, config=args.config)
     kwargs = dict(
         negative_prompt=args.negative,
         steps=args.steps,
         sampler=args.sampler,
         seed=args.seed,
-        width=args.width,
-        height=args.height,
+        width=size[1],
+        height=size[0],
         guidance_scale=args.guidance,
         num_images=args.num_images,
     )
@@ -157,6 +160,33 @@ def _cmd_generate(args) -> int:
     for image, p in zip(images, paths, strict=True):
         _write_image(image, p, fmt, overwrite=args.overwrite)
         print(p)
+    return 0
+
+
+def _model_and_size(model: str | None, width: int | None, height: int | None) -> tuple[Path, tuple]:
+    """The checkpoint to load (checked) and the (height, width) asked: with no --model, the built-in
+    `minisd.TINY` at the size it was trained at (its SD1 family record says 512, which it never saw),
+    on one thread."""
+    if model is not None:
+        return check_source(model), (height, width)
+    from . import TINY
+    from .shapes import SIZE
+
+    # Its tensors are too small to split across threads: on a busy 2-core machine OpenMP's barriers
+    # made one picture take 78 s on 2 threads against 0.7 s on 1 (measured; tests/conftest.py saw ~40x).
+    torch.set_num_threads(1)
+    return check_source(TINY), (height or SIZE, width or SIZE)
+
+
+def _cmd_eval_shapes(args) -> int:
+    from .shapes import evaluate
+
+    model, (size, _) = _model_and_size(args.model, args.size, args.size)
+    sd = load(model, device=args.device)
+    ev = evaluate(sd, args.n, seed=args.seed, size=size, steps=args.steps, guidance_scale=args.guidance)
+    print(f"{model}: {args.n} prompts per form, size {size}, steps {args.steps or DEFAULT_STEPS}, "
+          f"guidance {args.guidance if args.guidance is not None else sd.family.default_guidance}")
+    print(ev.table())
     return 0
 
 
@@ -285,8 +315,8 @@ def _add_info(sub) -> None:
 
 def _add_generate(sub) -> None:
     gen = sub.add_parser("generate", help="text to image")
-    gen.add_argument("checkpoint")
     gen.add_argument("prompt")
+    gen.add_argument("--model", help="checkpoint file or diffusers folder (default: minisd.TINY, the built-in model)")
     gen.add_argument("-o", "--output", default="out.png", help="image file; NAME-0.png, NAME-1.png ... for several")
     gen.add_argument("--negative", default="")
     gen.add_argument(
@@ -310,6 +340,18 @@ def _add_generate(sub) -> None:
     gen.add_argument("--overwrite", action="store_true", help="replace existing images")
     _model_args(gen, None)
     gen.set_defaults(func=_cmd_generate)
+
+
+def _add_eval_shapes(sub) -> None:
+    ev = sub.add_parser("eval-shapes", help="generate shapes prompts and judge them (minisd.shapes.evaluate)")
+    ev.add_argument("--model", help="checkpoint (default: minisd.TINY)")
+    ev.add_argument("--n", type=_positive_int, default=16, help="prompts per form, training and held-out pairs")
+    ev.add_argument("--size", type=_positive_int, help="picture side (default: 32, the shapes' size, with no --model)")
+    ev.add_argument("--steps", type=_positive_int, help="sampler steps (default: the library's)")
+    ev.add_argument("--guidance", type=float, help="guidance scale (default: the family's)")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--device", type=_device, default="cpu")
+    ev.set_defaults(func=_cmd_eval_shapes)
 
 
 def _add_convert(sub) -> None:
@@ -345,7 +387,7 @@ def _add_train(sub) -> None:
 
 
 # one function per subcommand: a new command is a new `_add_*` here and its `_cmd_*`
-COMMANDS = (_add_info, _add_generate, _add_convert, _add_demo, _add_train)
+COMMANDS = (_add_info, _add_generate, _add_eval_shapes, _add_convert, _add_demo, _add_train)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -53,7 +53,6 @@ from .families import (
     VAE_PREFIX,
     Family,
     TextEncoderSpec,
-    family_spec,
 )
 from .keymap import TRANSFORMS, CheckpointError, KeyTable
 from .layouts import (
@@ -339,9 +338,9 @@ class SingleFile:
 
     def known_file(self) -> tuple[str, str] | None:
         """(prediction type, reason) when the file is a known official release (by its SHA-256)."""
-        if self.path.suffix != ".safetensors" or (known := KNOWN_SHA256.get(sha256(self.path))) is None:
+        if (known := KNOWN_SHA256.get(sha256(self.path))) is None:
             return None
-        return family_spec(known[1]).prediction_type, f"SHA-256 of the official {known[0]}"
+        return known.prediction_type, f"SHA-256 of the official {known.name}"
 
     def check(self) -> None:
         if "alphas_cumprod" in self.tensors.readers:

@@ -13,8 +13,9 @@ import torch
 from PIL import Image
 
 import minisd
-from minisd import cli, detection
+from minisd import cli, cli_generate, detection
 from minisd.checkpoint import apply_config
+from minisd.families import family_spec
 from tests.test_files import fifo, kernel_permissions, listing, reachable_folder, read_only_folder
 from tests.tiny import official_checkpoint, tiny_config
 
@@ -85,11 +86,11 @@ def test_convert_ckpt_needs_allow_pickle(tmp_path, capsys):
     torch.save({"state_dict": official_checkpoint("sd1").tensors}, ckpt)
     cfg = config_json(tmp_path)
     out = tmp_path / "model.safetensors"
-    assert cli.main(["convert", str(ckpt), str(out), "--config", str(cfg)]) == 2
+    assert cli.main(["convert", str(ckpt), str(out), "--config", str(cfg)]) == 1
     assert "refuses them by default" in capsys.readouterr().err and not out.exists()
     assert cli.main(["convert", str(ckpt), str(out), "--config", str(cfg), "--allow-pickle"]) == 0
     assert minisd.detect(out).family.name == "sd1"
-    assert cli.main(["convert", str(ckpt), str(out), "--config", str(cfg), "--allow-pickle"]) == 2  # exists
+    assert cli.main(["convert", str(ckpt), str(out), "--config", str(cfg), "--allow-pickle"]) == 1  # exists
     assert "exists" in capsys.readouterr().err
 
 
@@ -99,7 +100,10 @@ def test_generate_writes_png(tmp_path, capsys):
             "--width", "64", "--height", "64", "--device", "cpu"]
     assert cli.main(args) == 0
     assert Image.open(out).size == (64, 64)
-    assert cli.main(args) == 2 and "--overwrite" in capsys.readouterr().err  # the user's file is kept
+    before = out.read_bytes()
+    assert cli.main(args) == 0 and out.read_bytes() == before  # the user's file is kept: the next free name
+    assert capsys.readouterr().out.split()[-1] == str(tmp_path / "cat-1.png")
+    assert (tmp_path / "cat-1.png").read_bytes() == before  # same request, same picture
 
 
 def one_error_line(capsys, *fragments: str) -> str:
@@ -114,52 +118,61 @@ def one_error_line(capsys, *fragments: str) -> str:
 @pytest.mark.reliability(
     "command line",
     "a missing, corrupt, unreadable (permission denied) or FIFO checkpoint",
-    "`minisd: error: ...` in one line naming the file, exit status 2; the traceback only with `--verbose`",
+    "`minisd: error: ...` in one line naming the file, exit status 1; the traceback only with `--debug`",
 )
-def test_errors_exit_2_with_a_message(tmp_path, capsys):
-    assert cli.main(["info", str(tmp_path / "missing.safetensors")]) == 2
+def test_errors_exit_1_with_a_message(tmp_path, capsys):
+    assert cli.main(["info", str(tmp_path / "missing.safetensors")]) == 1
     one_error_line(capsys, "no such file")
     (tmp_path / "garbage.safetensors").write_bytes(b"\xff" * 64)  # a corrupt file
-    assert cli.main(["info", str(tmp_path / "garbage.safetensors")]) == 2
+    assert cli.main(["info", str(tmp_path / "garbage.safetensors")]) == 1
     one_error_line(capsys, "garbage.safetensors")
     with fifo(tmp_path / "fifo.safetensors") as path:  # refused before it is opened, so nothing blocks
-        assert cli.main(["info", str(path)]) == 2
+        assert cli.main(["info", str(path)]) == 1
     one_error_line(capsys, "fifo.safetensors", "not a regular file")
     with reachable_folder(tmp_path) as base:
         secret = base / "secret.safetensors"
         secret.write_bytes(b"")
         secret.chmod(0o000)
         with kernel_permissions():
-            assert cli.main(["info", str(secret)]) == 2
+            assert cli.main(["info", str(secret)]) == 1
         one_error_line(capsys, "secret.safetensors", "permission denied")
-    # --verbose shows the traceback too
-    assert cli.main(["-v", "info", str(tmp_path / "missing.safetensors")]) == 2
-    err = capsys.readouterr().err
-    assert "Traceback" in err and "minisd: error: " in err
+    # --debug shows the traceback too, before or after the command; --verbose only logs
+    for argv in (["--debug", "info"], ["info", "--debug"]):
+        assert cli.main([*argv, str(tmp_path / "missing.safetensors")]) == 1
+        err = capsys.readouterr().err
+        assert "Traceback" in err and "minisd: error: " in err
+    assert cli.main(["-v", "info", str(tmp_path / "missing.safetensors")]) == 1
+    one_error_line(capsys, "no such file")
 
 
 @pytest.mark.reliability(
     "command line",
     "a non-positive `--num-images` or `--steps`, an unknown `--device`",
-    "argparse's usage and one error line, exit status 2",
+    "one error line naming the option (and `see --help`), exit status 2",
 )
 @pytest.mark.parametrize("argv", [["--num-images", "0"], ["--steps", "-1"], ["--device", "nonsense"]])
 def test_bad_arguments_exit_2(argv, capsys):
     with pytest.raises(SystemExit) as info:
         cli.main(["generate", "a cat", "--model", "model.safetensors", *argv])
-    assert info.value.code == 2 and "Traceback" not in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "Traceback" not in err and err.count("\n") == 1, err
+    assert err.startswith("minisd generate: error: argument " + argv[0]) and "minisd generate --help" in err
 
 
 # ------------------------------------------------------------------------------ generate's files, without a model
 class FakeModel:
-    """Stands in for a loaded model: records its calls, returns one distinct 8x8 image per request."""
+    """Stands in for a loaded SD1 model: records its calls, returns one 8x8 image per image asked for, its red
+    channel 40 x the image's seed."""
+
+    family = family_spec("sd1")
+    scale_factor = 0.18215
 
     def __init__(self, calls: list):
         self.calls = calls
 
-    def generate(self, prompt, **kw):
-        self.calls.append(("generate", prompt, kw["num_images"]))
-        return [Image.new("RGB", (8, 8), (40 * i, 0, 0)) for i in range(kw["num_images"])]
+    def generate(self, prompts, **kw):
+        self.calls.append(("generate", prompts, kw["seed"]))
+        return [Image.new("RGB", (8, 8), (40 * (kw["seed"] + i), 0, 0)) for i in range(len(prompts))]
 
 
 @pytest.fixture
@@ -172,6 +185,8 @@ def fake_load(monkeypatch):
         return FakeModel(calls)
 
     monkeypatch.setattr(cli, "load", load)
+    monkeypatch.setattr(cli_generate, "load", load)
+    monkeypatch.setattr(cli_generate, "sha256", lambda path: "0" * 64)
     return calls
 
 
@@ -181,34 +196,36 @@ def generate(out, *extra) -> int:
 
 @pytest.mark.reliability(
     "command line",
-    "`--num-images 3` where the third name exists",
-    "one line naming it (`pass ... --overwrite`), exit status 2, before the model is loaded; nothing is "
-    "written",
+    "`--num-images 3` where the second name exists; a missing `--model`",
+    "the existing image is kept and the next free names are used (`--overwrite` replaces it); a missing model is "
+    "one line, exit status 1, before anything is loaded or written",
 )
-def test_generate_checks_every_name_before_loading(tmp_path, fake_load, capsys):
-    (tmp_path / "cat-2.png").write_bytes(b"the user's image")
-    assert generate(tmp_path / "cat.png", "--num-images", "3") == 2
-    one_error_line(capsys, "cat-2.png exists", "--overwrite")
-    assert fake_load == [] and listing(tmp_path) == ["cat-2.png"]  # nothing loaded, generated or written
-    assert (tmp_path / "cat-2.png").read_bytes() == b"the user's image"
-    (tmp_path / "model.safetensors").write_bytes(b"")  # the source is checked after the outputs
+def test_generate_never_replaces_an_image_without_overwrite(tmp_path, fake_load, capsys):
+    (tmp_path / "cat-1.png").write_bytes(b"the user's image")
+    assert generate(tmp_path / "cat.png", "--num-images", "3") == 1  # the model is checked before loading
+    one_error_line(capsys, "model.safetensors", "no such file")
+    assert fake_load == [] and listing(tmp_path) == ["cat-1.png"]  # nothing loaded, generated or written
+    (tmp_path / "model.safetensors").write_bytes(b"")
     cwd = os.getcwd()
     os.chdir(tmp_path)
     try:
-        assert generate(tmp_path / "cat.png", "--num-images", "3", "--overwrite") == 0
+        assert generate(tmp_path / "cat.png", "--num-images", "3", "--seed", "1") == 0
+        assert listing(tmp_path) == ["cat-1.png", "cat-2.png", "cat-3.png", "cat.png", "model.safetensors"]
+        assert (tmp_path / "cat-1.png").read_bytes() == b"the user's image"
+        red = [Image.open(tmp_path / f).getpixel((0, 0))[0] for f in ("cat.png", "cat-2.png", "cat-3.png")]
+        assert red == [40, 80, 120]  # seeds 1, 2, 3: image i of a command uses seed + i
+        assert generate(tmp_path / "cat.png", "--num-images", "2", "--overwrite") == 0
     finally:
         os.chdir(cwd)
-    assert [c[0] for c in fake_load] == ["load", "generate"]
-    assert listing(tmp_path) == ["cat-0.png", "cat-1.png", "cat-2.png", "model.safetensors"]
-    assert [Image.open(tmp_path / f"cat-{i}.png").getpixel((0, 0)) for i in range(3)] == [(0, 0, 0), (40, 0, 0),
-                                                                                          (80, 0, 0)]  # fmt: skip
+    assert Image.open(tmp_path / "cat-1.png").getpixel((0, 0)) == (40, 0, 0)  # replaced, as asked
+    assert [c[0] for c in fake_load] == ["load", "generate", "generate", "generate", "load", "generate", "generate"]
 
 
 @pytest.mark.reliability(
     "command line",
     "`-o` a folder, in a missing folder, under a file, with an unknown extension, a FIFO, or in an "
     "unwritable folder",
-    "one line naming the path and the problem, exit status 2, before the model is loaded",
+    "one line naming the path and the problem, exit status 1, before the model is loaded",
 )
 def test_generate_destination_errors_before_loading(tmp_path, fake_load, capsys):
     (tmp_path / "a-file").write_bytes(b"")
@@ -222,10 +239,10 @@ def test_generate_destination_errors_before_loading(tmp_path, fake_load, capsys)
         (tmp_path / "a-fifo.png", ["not a regular file"]),
     ]
     for out, fragments in cases:
-        assert generate(out, "--overwrite") == 2
+        assert generate(out, "--overwrite") == 1
         one_error_line(capsys, str(out), *fragments)
     with read_only_folder(tmp_path) as folder:
-        assert generate(folder / "cat.png") == 2
+        assert generate(folder / "cat.png") == 1
         one_error_line(capsys, "cat.png", "not writable")
     assert fake_load == []
 
@@ -233,21 +250,21 @@ def test_generate_destination_errors_before_loading(tmp_path, fake_load, capsys)
 @pytest.mark.reliability(
     "command line",
     "a full disk while `--overwrite` replaces an image",
-    "`minisd: error: out.png: No space left on device`, exit status 2; the old image is intact, no "
+    "`minisd: error: out.png: No space left on device`, exit status 1; the old image is intact, no "
     "temporary file",
 )
 def test_generate_on_a_full_disk_keeps_the_old_image(tmp_path, fake_load, capsys, monkeypatch):
     out = tmp_path / "cat.png"
     Image.new("RGB", (8, 8), (1, 2, 3)).save(out)
     old = out.read_bytes()
-    monkeypatch.setattr(cli, "check_source", lambda path: path)
+    monkeypatch.setattr(cli_generate, "check_source", lambda path: path)
 
     def save_half(image, fp, format=None, **kw):
         fp.write_bytes(b"\x89PNG half")
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(Image.Image, "save", save_half)
-    assert generate(out, "--overwrite") == 2
+    assert generate(out, "--overwrite") == 1
     one_error_line(capsys, f"{out}: No space left on device")
     assert out.read_bytes() == old and listing(tmp_path) == ["cat.png"]
 
@@ -260,7 +277,7 @@ def test_generate_on_a_full_disk_keeps_the_old_image(tmp_path, fake_load, capsys
 def test_interrupt_exits_130_and_leaves_nothing(tmp_path, fake_load, capsys, monkeypatch):
     out = tmp_path / "cat.png"
     out.write_bytes(b"old")
-    monkeypatch.setattr(cli, "check_source", lambda path: path)
+    monkeypatch.setattr(cli_generate, "check_source", lambda path: path)
 
     def interrupted(image, fp, format=None, **kw):
         fp.write_bytes(b"half")
@@ -277,7 +294,7 @@ def test_interrupt_exits_130_and_leaves_nothing(tmp_path, fake_load, capsys, mon
     "command line",
     "`convert` to an existing file, a folder, a name without `.safetensors`, a missing folder, a "
     "diffusers destination that is a file, or with a missing `--config`",
-    "one line, exit status 2, before the source is loaded",
+    "one line, exit status 1, before the source is loaded",
 )
 def test_convert_checks_the_destination_before_loading(tmp_path, fake_load, capsys):
     src = tmp_path / "src.safetensors"
@@ -293,7 +310,7 @@ def test_convert_checks_the_destination_before_loading(tmp_path, fake_load, caps
         ([str(tmp_path / "new.safetensors"), "--config", str(tmp_path / "missing.json")], ["missing.json"]),
     ]
     for argv, fragments in cases:
-        assert cli.main(["convert", str(src), *argv]) == 2
+        assert cli.main(["convert", str(src), *argv]) == 1
         one_error_line(capsys, *fragments)
     assert fake_load == [] and (tmp_path / "taken.safetensors").read_bytes() == b"mine"
 
@@ -301,12 +318,12 @@ def test_convert_checks_the_destination_before_loading(tmp_path, fake_load, caps
 @pytest.mark.reliability(
     "command line",
     "`demo -o` an existing file",
-    "one line, exit status 2, before the demo model is built",
+    "one line, exit status 1, before the demo model is built",
 )
 def test_demo_checks_the_destination_first(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(cli, "demo_model", lambda folder: pytest.fail("built a model before checking -o"))
     (tmp_path / "demo.png").write_bytes(b"mine")
-    assert cli.main(["demo", "-o", str(tmp_path / "demo.png")]) == 2
+    assert cli.main(["demo", "-o", str(tmp_path / "demo.png")]) == 1
     one_error_line(capsys, "demo.png exists")
     assert (tmp_path / "demo.png").read_bytes() == b"mine"
 

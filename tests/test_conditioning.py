@@ -188,6 +188,7 @@ def test_family_records_name_each_encoders_tokenizer():
     assert rules == {
         "sd1": ["hf"], "sd1-inpaint": ["hf"], "sd2": ["open_clip"], "sd2-v": ["open_clip"],
         "sd2-inpaint": ["open_clip"], "sdxl": ["hf", "open_clip"], "sdxl-refiner": ["open_clip"],
+        "sdxl-inpaint": ["hf", "open_clip"],
     }  # fmt: skip
     assert [t.use().tokenizer for t in FAMILIES["sdxl"].text] == ["hf", "open_clip"]
 

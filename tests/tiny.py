@@ -51,7 +51,7 @@ TINY_VAE = VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1)
 
 TINY_UNETS = {"sd1": _SD1, "sd1-inpaint": UNetConfig(**{**_SD1.__dict__, "in_channels": 9}), "sd2": _SD2,
               "sd2-v": _SD2, "sd2-inpaint": UNetConfig(**{**_SD2.__dict__, "in_channels": 9}),
-              "sdxl": _XL, "sdxl-refiner": _REFINER}
+              "sdxl": _XL, "sdxl-inpaint": UNetConfig(**{**_XL.__dict__, "in_channels": 9}), "sdxl-refiner": _REFINER}
 _TEXT = {"sd1": [TINY_L], "sd2": [TINY_H], "sdxl": [TINY_L, TINY_G], "sdxl-refiner": [TINY_G]}
 
 

@@ -5,8 +5,10 @@ One file per component (docs/architecture.md walks them in order):
 `attention`; `schedules`, `denoisers`, `samplers` and the `compat` rules for diffusers seed
 parity; `families` (what differs between v1, v2 and SDXL), `keymap` (strict key tables),
 `layouts` and `diffusers_format` (the foreign layouts), `detection` and `checkpoint`
-(files in and out); `pipeline` (txt2img, img2img, inpainting, the refiner stage), `model`
-(`StableDiffusion` and `load`), `images` and `cli`.
+(files in and out); `pipeline` (txt2img, img2img, inpainting, the refiner stage, hires fix), `model`
+(`StableDiffusion`, `load`, `base_then_refiner`), `images`; what A1111 / ComfyUI users bring:
+`prompt_syntax`, `prompt_chunks`, `embeddings`, `lora`, `vae_files`; `parity` (`minisd parity`);
+and the shell: `cli`, `metadata`, `batch`.
 
     import minisd
     sd = minisd.load("v1-5-pruned-emaonly.safetensors")
@@ -19,7 +21,7 @@ from . import train as train  # the training loop (docs/training.md): minisd.tra
 from .checkpoint import save
 from .detection import DetectedModel, detect
 from .keymap import CheckpointError
-from .model import StableDiffusion, load
+from .model import StableDiffusion, base_then_refiner, load
 from .pipeline import NonFiniteError
 
 # The tiny SD1-architecture model trained from scratch on `minisd.shapes` (docs/tiny-model.md),
@@ -27,4 +29,7 @@ from .pipeline import NonFiniteError
 TINY = Path(__file__).parent / "data" / "tiny-sd.safetensors"
 
 __version__ = "0.1.0"
-__all__ = ["CheckpointError", "DetectedModel", "NonFiniteError", "StableDiffusion", "TINY", "detect", "load", "save"]
+__all__ = [
+    "CheckpointError", "DetectedModel", "NonFiniteError", "StableDiffusion", "TINY", "base_then_refiner", "detect",
+    "load", "save",
+]  # fmt: skip

@@ -52,8 +52,10 @@ from safetensors.torch import save_file
 
 from .clip import TextConfig, TextTransformer
 from .detection import (
+    MARKER_KEYS,
     DetectedModel,
     probe_prediction_type,
+    read_json,
 )
 from .diffusers_format import (
     SCHEDULER_CONFIG,
@@ -71,6 +73,7 @@ from .families import (
     Family,
     TextEncoderUse,
     family_spec,
+    prediction_is_ambiguous,
     with_prediction,
 )
 from .files import atomic_folder, atomic_write, atomic_write_text, check_destination
@@ -94,6 +97,7 @@ from .sources import (
 from .tokenizer import EOT_TOKEN_ID, CLIPTokenizer
 from .unet import UNetModel
 from .vae import AutoencoderKL
+from .vae_files import VAEPrecision, recorded_precision
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +115,7 @@ class Components:
         prediction_reason: the evidence for the prediction type.
         ignored: keys of the source that were not loaded, with the reason for each.
         tokenizer: the CLIP BPE tokenizer (one vocabulary serves every family).
+        vae_precision: whether the VAE must decode in float32 under an fp16 model, and why (`vae_files`).
     """
 
     family: Family
@@ -121,6 +126,7 @@ class Components:
     prediction_reason: str = ""
     ignored: dict[str, str] = field(default_factory=dict)
     tokenizer: CLIPTokenizer = field(default_factory=CLIPTokenizer)
+    vae_precision: VAEPrecision = field(default_factory=VAEPrecision)
 
     @property
     def prediction_type(self) -> str:
@@ -144,7 +150,7 @@ def load_components(
     config: Family | Mapping | str | Path | None = None,
     prediction_type: str | None = None,
     use_ema: bool = False,
-    vae_dtype: torch.dtype = torch.float32,
+    vae_dtype: torch.dtype | None = None,
     variant: str | None = None,
     allow_pickle: bool = False,
     mmap: bool = False,
@@ -184,6 +190,8 @@ def load_components(
     matches = [match_keys(part) for part in parts]
     _raise_problems(path, [p for m in matches for p in m.problems])
     _raise_problems(path, [p for part, m in zip(parts, matches) for p in check_tensors(part, m.own, modules)])
+    precision = _vae_precision(path)
+    vae_dtype = vae_dtype or precision.dtype(dtype)  # float32 unless the VAE is recorded as fp16-safe
     dtypes = dict(zip(modules, [dtype, vae_dtype, *[dtype] * len(encoders)]))
     for part, m in zip(parts, matches):
         for name, table in part.tables.items():
@@ -199,7 +207,14 @@ def load_components(
     logger.info(
         "loaded %s as %s (%s); %s", path, fam.name, fam.prediction_type, "EMA U-Net" if use_ema else "U-Net weights"
     )
-    return Components(fam, unet.eval(), vae.eval(), [e.eval() for e in encoders], uses, reason, ignored)
+    return Components(fam, unet.eval(), vae.eval(), [e.eval() for e in encoders], uses, reason, ignored,
+                      vae_precision=precision)  # fmt: skip
+
+
+def _vae_precision(path: Path) -> VAEPrecision:
+    """A folder's vae/config.json `force_upcast`; a single file records none (the default: upcast)."""
+    where = path / "vae" / "config.json"
+    return recorded_precision(read_json(where, folder=path), where) if path.is_dir() else VAEPrecision()
 
 
 def _raise_problems(path: Path, problems: list[str]) -> None:
@@ -342,8 +357,11 @@ def save(model: Components, path: str | Path, format: str = "official", *, overw
     if format == "official" and path.suffix != ".safetensors":
         raise ValueError(f"save: an official single file must end in .safetensors, got {path.name}")
     metadata = {"minisd.family": model.family.name, "minisd.prediction_type": model.prediction_type}
+    if model.family.zero_terminal_snr:
+        metadata["minisd.zero_terminal_snr"] = "true"
     if format == "official":
         tensors, architecture = _official_state_dict(model)
+        tensors.update(_markers(model.family))
         metadata["minisd.config"] = json.dumps(architecture)  # reloads without config= (`SingleFile.architecture`)
         _write_safetensors(tensors, path, metadata, overwrite=overwrite)
     else:
@@ -352,13 +370,25 @@ def save(model: Components, path: str | Path, format: str = "official", *, overw
     return path
 
 
+def _markers(family: Family) -> dict[str, torch.Tensor]:
+    """The empty marker tensors ComfyUI reads (`detection.MARKER_KEYS`) for a v-prediction (zero-terminal-SNR)
+    model of a family whose files do not otherwise tell (not SD2, whose 768-v model is a family of its own)."""
+    if family.prediction_type != "v_prediction" or prediction_is_ambiguous(family):
+        return {}
+    return {key: torch.zeros(0) for key in MARKER_KEYS[: 2 if family.zero_terminal_snr else 1]}
+
+
+# diffusers' scheduler config of a zero-terminal-SNR model (Lin et al. 2023: rescaled betas, trailing timesteps).
+_ZERO_SNR_SCHEDULER = {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
 # diffusers' scheduler configs: what each class needs beyond the official SD config.
 _SCHEDULER_EXTRAS = {"PNDMScheduler": {"skip_prk_steps": True}}
 
 
-def _save_diffusers(model: Components, folder: Path, metadata: dict[str, str]) -> None:
+def _save_diffusers(model: Components, folder: Path, metadata: dict[str, str], *, with_weights: bool = True) -> None:
+    """The folder; `with_weights=False` writes only its JSON and tokenizer files (`minisd.parity`'s config folder)."""
     folder.mkdir(parents=True, exist_ok=True)
     family = model.family
+    save_weights = _write_safetensors if with_weights else lambda *args, **kwargs: None
 
     def write(sub: str, name: str, obj: dict) -> None:
         (folder / sub).mkdir(exist_ok=True)
@@ -370,11 +400,11 @@ def _save_diffusers(model: Components, folder: Path, metadata: dict[str, str]) -
     # diffusers' pipelines default to unet sample_size x the VAE factor: the family's size, as the official folders
     sample_size = family.default_size // model.vae.config.downsample_factor
     write("unet", "config.json", unet_to_diffusers(model.unet.config, text_time=text_time, sample_size=sample_size))
-    _write_safetensors(unet_table(model.unet.config, text_time=text_time).to_theirs(model.unet.state_dict()),
-                       folder / "unet" / "diffusion_pytorch_model.safetensors", metadata, overwrite=True)  # fmt: skip
-    write("vae", "config.json", vae_to_diffusers(model.vae.config))
-    _write_safetensors(vae_table(model.vae.config).to_theirs(model.vae.state_dict()),
-                       folder / "vae" / "diffusion_pytorch_model.safetensors", metadata, overwrite=True)  # fmt: skip
+    save_weights(unet_table(model.unet.config, text_time=text_time).to_theirs(model.unet.state_dict()),
+                 folder / "unet" / "diffusion_pytorch_model.safetensors", metadata, overwrite=True)  # fmt: skip
+    write("vae", "config.json", vae_to_diffusers(model.vae.config, force_upcast=model.vae_precision.upcast))
+    save_weights(vae_table(model.vae.config).to_theirs(model.vae.state_dict()),
+                 folder / "vae" / "diffusion_pytorch_model.safetensors", metadata, overwrite=True)  # fmt: skip
     for name in ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"):
         index[name] = [None, None]
     for enc, use, module in zip(family.text, model.text_uses, model.text_encoders):
@@ -387,13 +417,14 @@ def _save_diffusers(model: Components, folder: Path, metadata: dict[str, str]) -
         sub = enc.diffusers_folder
         write(sub, "config.json", text_to_hf(cfg))
         theirs = hf_table(cfg).to_theirs(weights)
-        _write_safetensors(theirs, folder / sub / "model.safetensors", metadata, overwrite=True)
+        save_weights(theirs, folder / sub / "model.safetensors", metadata, overwrite=True)
         tok = sub.replace("text_encoder", "tokenizer")
         write_tokenizer(folder / tok, pad_token="<|endoftext|>" if enc.pad_token_id == EOT_TOKEN_ID else "!")
         index[sub] = ["transformers", "CLIPTextModelWithProjection" if cfg.projection_dim else "CLIPTextModel"]
         index[tok] = ["transformers", "CLIPTokenizer"]
     scheduler = {**SCHEDULER_CONFIG, "_class_name": family.diffusers_scheduler,
                  "prediction_type": model.prediction_type,
+                 **(_ZERO_SNR_SCHEDULER if family.zero_terminal_snr else {}),
                  **_SCHEDULER_EXTRAS.get(family.diffusers_scheduler, {})}  # fmt: skip
     write("scheduler", "scheduler_config.json", scheduler)
     index["scheduler"] = ["diffusers", family.diffusers_scheduler]

@@ -1,8 +1,10 @@
 """The `minisd` command line.
 
-minisd info CHECKPOINT                 what a file or folder holds, and why we think so
+minisd info CHECKPOINT|IMG.png        what a file or folder holds, and why we think so; an image's parameters
 minisd generate PROMPT -o out.png [--model CHECKPOINT] [--steps 50 --sampler euler --seed 0 ...]
-                                       (no --model: minisd.TINY, the built-in model trained on shapes)
+                                       (no --model: minisd.TINY, the built-in model trained on shapes);
+                                       img2img, inpainting, refiner, hires fix, --from-png, --prompts (cli_generate)
+minisd samplers                        the samplers and schedules, with their diffusers and A1111 names
 minisd convert SRC DST [--format official|diffusers] [--allow-pickle] [--dtype fp16]
 minisd eval-shapes [--model CHECKPOINT] [--n 16]   accuracy per attribute on shapes prompts (minisd.shapes)
 minisd demo [-o demo.png]              the whole path on a tiny random model (no weights needed)
@@ -13,8 +15,10 @@ not a folder, it does not exist unless --overwrite; with --num-images, every nam
 file is written atomically (`files.atomic_write`), so an existing image or checkpoint is never
 lost to a full disk or an interruption.
 
-Errors: a user error (a missing, unreadable, corrupt or misnamed file, a bad argument) is one
-`minisd: error: ...` message and exit status 2; --verbose adds the traceback. Ctrl-C exits 130.
+Errors: a usage error (a bad option) is argparse's usage and one line, exit status 2. A runtime error
+(a missing, unreadable, corrupt or misnamed file, a bad value) is one `minisd: error: ...` line and exit
+status 1; --debug adds the traceback (--verbose only turns on logging). Ctrl-C exits 130, SIGTERM 143,
+with no traceback and no partial file.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import argparse
 import json
 import logging
 import pickle
+import signal
 import sys
 import tempfile
 import traceback
@@ -34,6 +39,8 @@ import torch
 from safetensors import SafetensorError
 
 from .checkpoint import apply_config, save
+from .cli_generate import add_generate, image_format
+from .cli_generate import positive_int as _positive_int
 from .detection import (
     KNOWN_SHA256,
     DetectedModel,
@@ -45,7 +52,10 @@ from .families import UNET_PREFIX, VAE_PREFIX, family_spec
 from .files import atomic_write, check_destination, check_source
 from .keymap import CheckpointError
 from .layouts import ignore_reason, official_tables
+from .metadata import JSON_KEY, PARAMETERS_KEY, read_text
 from .model import DEFAULT_STEPS, load
+from .parity import add_parser as _add_parity
+from .samplers import SAMPLER_NAMES, SAMPLERS, SIGMA_SCHEDULES, sampler_parts
 from .train import main as train_main
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -113,54 +123,55 @@ def _numel(shape) -> int:
     return n
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
+def describe_image(path: Path) -> str:
+    """The `minisd info` report of an image: its A1111 parameters and minisd's JSON copy, if present."""
+    text = read_text(path)
+    if PARAMETERS_KEY not in text and JSON_KEY not in text:
+        return f"{path}\n  no generation parameters (no A1111 'parameters' or 'minisd' chunk)"
+    lines = [f"{path}"]
+    if PARAMETERS_KEY in text:
+        lines += ["parameters (A1111):"] + ["  " + line for line in text[PARAMETERS_KEY].splitlines()]
+    if JSON_KEY in text:
+        settings = json.loads(text[JSON_KEY])
+        lines += ["minisd:"] + [f"  {k}: {v!r}" for k, v in sorted(settings.items()) if v not in (None, (), [])]
+    return "\n".join(lines)
+
+
 def _cmd_info(args) -> int:
-    print(describe(check_source(args.checkpoint), with_hash=not args.no_hash))
+    path = check_source(args.checkpoint)
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        print(describe_image(path))
+    else:
+        print(describe(path, with_hash=not args.no_hash))
     return 0
 
 
-def _image_format(path: Path) -> str:
-    """PIL's format name for an output file, from its extension (checked before any work)."""
-    fmt = PIL.Image.registered_extensions().get(path.suffix.lower())
-    if fmt is None:
-        raise ValueError(f"{path}: cannot tell the image format from the extension; use .png, .jpg or .webp")
-    return fmt
+def samplers_table() -> str:
+    """`minisd samplers`: every sampler name, its description, and its diffusers and A1111 equivalents."""
+    lines = [f"{'name':<22} {'A1111 (Sampler, Schedule type)':<32} diffusers"]
+    for name in SAMPLER_NAMES:
+        base, kind = sampler_parts(name)
+        spec, (option, a1111_kind, _) = SAMPLERS[base], SIGMA_SCHEDULES[kind]
+        scheduler = spec.diffusers if kind == "discrete" else f"{spec.diffusers} + {option}"
+        lines.append(f"{name:<22} {spec.a1111 + ', ' + a1111_kind:<32} {scheduler}")
+        if kind == "discrete":
+            lines.append(f"{'':<22} {spec.about}")
+    lines += ["", "schedules (a suffix of the name: euler_karras):"]
+    lines += [f"  {kind:<12} {about} (A1111 {a1111}, diffusers {option})"
+              for kind, (option, a1111, about) in SIGMA_SCHEDULES.items()]  # fmt: skip
+    return "\n".join(lines)
 
 
-def _output_paths(out: Path, count: int) -> list[Path]:
-    """`out` for one image; `out-0`, `out-1`, ... (before the extension) for several."""
-    return [out] if count == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(count)]
+def _cmd_samplers(args) -> int:
+    print(samplers_table())
+    return 0
 
 
 def _write_image(image: PIL.Image.Image, path: Path, fmt: str, *, overwrite: bool) -> None:
     atomic_write(path, lambda tmp: image.save(tmp, format=fmt), overwrite=overwrite)
-
-
-def _cmd_generate(args) -> int:
-    # every destination and source is checked before the model is loaded
-    out = Path(args.output)
-    paths = [check_destination(p, overwrite=args.overwrite) for p in _output_paths(out, args.num_images)]
-    fmt = _image_format(out)
-    model, size = _model_and_size(args.model, args.width, args.height)
-    if args.config:
-        check_source(args.config)
-    # fp16 on a GPU (the VAE stays fp32), fp32 on a CPU, unless --dtype says otherwise
-    dtype = _DTYPES[args.dtype] if args.dtype else torch.float16 if args.device.type == "cuda" else torch.float32
-    sd = load(model, device=args.device, dtype=dtype, family=args.family, config=args.config)
-    kwargs = dict(
-        negative_prompt=args.negative,
-        steps=args.steps,
-        sampler=args.sampler,
-        seed=args.seed,
-        width=size[1],
-        height=size[0],
-        guidance_scale=args.guidance,
-        num_images=args.num_images,
-    )
-    images = sd.generate(args.prompt, **kwargs)
-    for image, p in zip(images, paths, strict=True):
-        _write_image(image, p, fmt, overwrite=args.overwrite)
-        print(p)
-    return 0
 
 
 def _model_and_size(model: str | None, width: int | None, height: int | None) -> tuple[Path, tuple]:
@@ -257,7 +268,7 @@ def demo_model(folder: Path, seed: int = 0) -> Path:
 
 def _cmd_demo(args) -> int:
     out = check_destination(args.output, overwrite=args.overwrite)
-    fmt = _image_format(out)
+    fmt = image_format(out)
     with tempfile.TemporaryDirectory() as tmp:
         path = demo_model(Path(tmp))
         print(describe(path, with_hash=False))
@@ -272,13 +283,6 @@ def _cmd_demo(args) -> int:
 
 
 # ------------------------------------------------------------------------------ the parser
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
-
-
 def _device(text: str) -> torch.device:
     """A torch device that exists here ("cpu", "cuda", "cuda:1", "mps")."""
     try:
@@ -307,39 +311,21 @@ def _model_args(q: argparse.ArgumentParser, dtype_default: str | None) -> None:
 
 
 def _add_info(sub) -> None:
-    info = sub.add_parser("info", help="what a checkpoint holds (reads the header only, plus a hash)")
-    info.add_argument("checkpoint")
+    info = sub.add_parser("info", help="what a checkpoint holds (header and hash), or an image's parameters",
+                          epilog="examples:\n  minisd info v1-5-pruned-emaonly.safetensors\n  minisd info out.png",
+                          formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    info.add_argument("checkpoint", help="a checkpoint file, a diffusers folder, or a PNG minisd or A1111 wrote")
     info.add_argument("--no-hash", action="store_true", help="skip the SHA-256 (it reads the whole file)")
     info.set_defaults(func=_cmd_info)
 
 
 def _add_generate(sub) -> None:
-    gen = sub.add_parser("generate", help="text to image")
-    gen.add_argument("prompt")
-    gen.add_argument("--model", help="checkpoint file or diffusers folder (default: minisd.TINY, the built-in model)")
-    gen.add_argument("-o", "--output", default="out.png", help="image file; NAME-0.png, NAME-1.png ... for several")
-    gen.add_argument("--negative", default="")
-    gen.add_argument(
-        "--steps",
-        type=_positive_int,
-        default=DEFAULT_STEPS,
-        help=f"sampler steps (default {DEFAULT_STEPS}, as the library)",
-    )
-    gen.add_argument("--sampler", default="euler")
-    gen.add_argument(
-        "--seed",
-        type=int,
-        default=0,
-        help="random seed (default 0, so a command is reproducible; the library draws a fresh seed when given none)",
-    )
-    gen.add_argument("--width", type=_positive_int)
-    gen.add_argument("--height", type=_positive_int)
-    gen.add_argument("--guidance", type=float)
-    gen.add_argument("--num-images", type=_positive_int, default=1)
-    gen.add_argument("--device", type=_device, default="cuda" if torch.cuda.is_available() else "cpu")
-    gen.add_argument("--overwrite", action="store_true", help="replace existing images")
-    _model_args(gen, None)
-    gen.set_defaults(func=_cmd_generate)
+    add_generate(sub, _model_args, _device)
+
+
+def _add_samplers(sub) -> None:
+    samplers = sub.add_parser("samplers", help="list the samplers and schedules (diffusers and A1111 names)")
+    samplers.set_defaults(func=_cmd_samplers)
 
 
 def _add_eval_shapes(sub) -> None:
@@ -387,15 +373,33 @@ def _add_train(sub) -> None:
 
 
 # one function per subcommand: a new command is a new `_add_*` here and its `_cmd_*`
-COMMANDS = (_add_info, _add_generate, _add_eval_shapes, _add_convert, _add_demo, _add_train)
+COMMANDS = (
+    _add_info, _add_generate, _add_samplers, _add_parity, _add_eval_shapes, _add_convert, _add_demo, _add_train
+)
+
+
+def _common(p: argparse.ArgumentParser, default) -> None:
+    """-v/--verbose and --debug, on the main parser and (without defaults, so either place works) each command."""
+    p.add_argument("-v", "--verbose", action="store_true", default=default, help="log progress and decisions")
+    p.add_argument("--debug", action="store_true", default=default, help="show the traceback of an error")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with a usage error in one line (exit status 2): `minisd generate: error: ... (see --help)`."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="minisd", description="Stable Diffusion v1/v2/XL from scratch")
-    p.add_argument("-v", "--verbose", action="store_true", help="log progress, and show the traceback of an error")
+    p = Parser(prog="minisd", description="Stable Diffusion v1/v2/XL from scratch")
+    _common(p, False)
     sub = p.add_subparsers(dest="command", required=True)
     for add in COMMANDS:
         add(sub)
+    for name, command in sub.choices.items():
+        if name != "train":  # train parses its own options
+            _common(command, argparse.SUPPRESS)
     return p
 
 
@@ -407,21 +411,44 @@ def error_message(e: BaseException) -> str:
     return str(e) or type(e).__name__
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised where the program is, so that `finally` blocks (temporary files) run as for Ctrl-C."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)  # a bad argument: usage, one error line, exit 2 (argparse)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
+    previous = signal.signal(signal.SIGTERM, _terminate) if _main_thread() else None
     try:
         return args.func(args)
     except KeyboardInterrupt:  # files being written are cleaned up by `files.atomic_write`
         print("minisd: interrupted", file=sys.stderr)
         return 130
-    except USER_ERRORS as e:
-        if args.verbose:
+    except Terminated:
+        print("minisd: terminated", file=sys.stderr)
+        return 143
+    except Exception as e:  # noqa: BLE001 - every error is one line; --debug shows where it came from
+        if args.debug:
             traceback.print_exc()
-        print(f"minisd: error: {error_message(e)}", file=sys.stderr)
-        return 2
+        known = isinstance(e, USER_ERRORS)
+        message = error_message(e) if known else f"internal error, {type(e).__name__}: {e} (--debug shows where)"
+        print(f"minisd: error: {message}", file=sys.stderr)
+        return 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
 
 
 if __name__ == "__main__":

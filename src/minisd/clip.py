@@ -224,7 +224,12 @@ class TextTransformer(nn.Module):
             self.text_projection = nn.Parameter(torch.empty(config.width, config.projection_dim))
 
     def forward(
-        self, input_ids: torch.Tensor, eot_index: torch.Tensor | None = None, *, num_layers: int | None = None
+        self,
+        input_ids: torch.Tensor,
+        eot_index: torch.Tensor | None = None,
+        *,
+        num_layers: int | None = None,
+        token_embeds: torch.Tensor | None = None,
     ) -> TextOutput:
         """Encode token ids `(B, L)`, `L <= context_length` (shorter inputs use the first `L` positions).
 
@@ -234,6 +239,9 @@ class TextTransformer(nn.Module):
         num_layers: run only the first `num_layers` blocks (SD2 and SDXL's CLIP-L use only the
             penultimate output; bigG needs `pooled` too, so runs all); when fewer than
             `config.layers` blocks run, `last_hidden_state` and `pooled` are None.
+        token_embeds: `(B, L, width)` token embeddings to use instead of `token_embedding(input_ids)`
+            (textual inversion puts learned vectors at some positions); `input_ids` still give the
+            pooling position.
         """
         cfg = self.config
         self._check_ids(input_ids)
@@ -241,8 +249,12 @@ class TextTransformer(nn.Module):
         if not 0 <= n <= cfg.layers:
             raise ValueError(f"num_layers must be in [0, {cfg.layers}], got {num_layers}")
 
+        if token_embeds is None:
+            token_embeds = self.token_embedding(input_ids)
+        elif token_embeds.shape != (*input_ids.shape, cfg.width):
+            raise ValueError(f"token_embeds must be {(*input_ids.shape, cfg.width)}, got {tuple(token_embeds.shape)}")
         # Token plus learned absolute position embeddings, (B, L, width).
-        x = self.token_embedding(input_ids) + self.positional_embedding[: input_ids.shape[1]]
+        x = token_embeds + self.positional_embedding[: input_ids.shape[1]]
         hidden_states = [x]
         for block in self.transformer.resblocks[:n]:
             x = block(x)

@@ -42,8 +42,10 @@ from .families import (
     inpainting_variant,
     prediction_is_ambiguous,
     with_prediction,
+    with_zero_terminal_snr,
 )
 from .keymap import CheckpointError
+from .known_files import KNOWN_SHA256, KnownFile, _known  # noqa: F401  (re-exported from their old home)
 from .unet import UNetModel
 
 # Bytes per element of each safetensors dtype, to check a header against the file size.
@@ -429,12 +431,16 @@ def detect_keys(tensors: dict[str, TensorInfo], metadata: dict[str, str], path: 
             f"{path}: the U-Net takes {in_ch} input channels; minisd knows 4 (txt2img) and 9 (inpainting)"
         )
 
-    if prediction_is_ambiguous(family):
+    prediction, reason = _prediction_from_markers(tensors, metadata, path)
+    if prediction is None:
         prediction, reason = _prediction_from_metadata(metadata)
-    else:
+    if prediction is None and not prediction_is_ambiguous(family):
         prediction, reason = family.prediction_type, f"{family.name} models are trained with {family.prediction_type}"
     if prediction is not None:
         family = with_prediction(family, prediction)
+    if _zero_terminal_snr(tensors, metadata, prediction):
+        family = with_zero_terminal_snr(family)
+        reason += f"; {_ZTSNR} present: trained with zero terminal SNR (rescaled betas, trailing timesteps)"
     dtypes = Counter(t.dtype for t in tensors.values())
     return DetectedModel(
         path,
@@ -448,8 +454,40 @@ def detect_keys(tensors: dict[str, TensorInfo], metadata: dict[str, str], path: 
     )
 
 
+# Marker keys of v-prediction fine-tunes (NoobAI-XL v-pred and other SDXL merges): empty tensors at the
+# top level. ComfyUI reads them (comfy/supported_models.py, `SDXL.model_type`): `v_pred` means
+# v-prediction, and `ztsnr` beside it the zero-terminal-SNR schedule; `ztsnr` alone means nothing.
+_V_PRED, _ZTSNR = "v_pred", "ztsnr"
+MARKER_KEYS = (_V_PRED, _ZTSNR)
+
+
+def _prediction_from_markers(tensors: dict[str, TensorInfo], metadata: dict[str, str], path: Path) -> tuple[
+        str | None, str]:  # fmt: skip
+    """v-prediction from the `v_pred` marker key, checked against the metadata when both speak."""
+    if _V_PRED not in tensors:
+        return None, ""
+    said, _ = _prediction_from_metadata(metadata)
+    if said == "epsilon":
+        raise CheckpointError(
+            f"{path}: contradicts itself: the marker key {_V_PRED!r} says v-prediction, its metadata says epsilon "
+            "(modelspec.prediction_type). Pass prediction_type= to choose."
+        )
+    return "v_prediction", f"marker key {_V_PRED!r} present (ComfyUI's v-prediction marker)"
+
+
+def _zero_terminal_snr(tensors: dict[str, TensorInfo], metadata: dict[str, str], prediction: str | None) -> bool:
+    """Trained on the zero-terminal-SNR schedule: the `ztsnr` marker, read only beside v-prediction
+    (as ComfyUI does), or the `minisd.zero_terminal_snr` metadata `minisd.save` writes."""
+    if prediction != "v_prediction":
+        return False
+    return _ZTSNR in tensors or metadata.get("minisd.zero_terminal_snr") == "true"
+
+
 def _prediction_from_metadata(metadata: dict[str, str]) -> tuple[str | None, str]:
-    """SD2 512 (epsilon) and 768 (v) share every key and shape: only metadata (or a probe) tells."""
+    """The prediction type the metadata states, if any: SAI ModelSpec's `modelspec.prediction_type`
+    ("epsilon" or "v", as kohya's sai_model_spec writes it), SD2's `modelspec.architecture`, or the
+    `minisd.prediction_type` that `minisd.save` writes. (SD2 512 and 768 share every key and shape:
+    for them only metadata, a known hash or the probe tells.)"""
     pt = metadata.get("modelspec.prediction_type", "").lower()
     if pt in ("v", "v_prediction", "v-prediction"):
         return "v_prediction", f"safetensors metadata modelspec.prediction_type={pt!r}"
@@ -464,7 +502,7 @@ def _prediction_from_metadata(metadata: dict[str, str]) -> tuple[str | None, str
         return metadata[
             "minisd.prediction_type"
         ], "safetensors metadata minisd.prediction_type (written by minisd.save)"
-    return None, "SD2 epsilon and v models have identical keys; the header carries no prediction type"
+    return None, "the header carries no prediction type (SD2 epsilon and v models have identical keys)"
 
 
 # ------------------------------------------------------------------------------ SD2 probe
@@ -620,14 +658,20 @@ def detect_diffusers(folder: Path) -> DetectedModel:
     elif in_ch != 4:
         raise CheckpointError(f"{folder}: a {in_ch}-channel {family.name} U-Net is not a family minisd knows")
     sched = folder / "scheduler" / "scheduler_config.json"
+    zsnr = False
     if sched.exists():
-        pt = json_field(read_json(sched, folder=folder), "prediction_type", sched, "str", "epsilon")
+        sched_cfg = read_json(sched, folder=folder)
+        pt = json_field(sched_cfg, "prediction_type", sched, "str", "epsilon")
+        zsnr = json_field(sched_cfg, "rescale_betas_zero_snr", sched, "bool", False)
         reason = f"scheduler/scheduler_config.json prediction_type {pt!r}"
     else:
         pt, reason = "epsilon", "no scheduler config: epsilon"
     if pt not in PREDICTION_TYPES:
         raise CheckpointError(f"{sched}: prediction_type {pt!r} is not one minisd supports {PREDICTION_TYPES}")
     family = with_prediction(family, pt)
+    if zsnr and pt == "v_prediction":  # as the markers of a single file (`_zero_terminal_snr`)
+        family = with_zero_terminal_snr(family)
+        reason += ", rescale_betas_zero_snr true: zero terminal SNR (rescaled betas, trailing timesteps)"
     return DetectedModel(folder, "diffusers", family, pt, reason, ev)
 
 
@@ -643,99 +687,6 @@ def detect(path: str | Path) -> DetectedModel:
         refuse_pickle(path)
     header = read_safetensors_header(path)
     return detect_keys(header.tensors, header.metadata, path)
-
-
-# ------------------------------------------------------------------------------ known official files
-@dataclass(frozen=True)
-class KnownFile:
-    """An official release, recognised by its SHA-256: what `info` names it, and the prediction
-    type `load` takes for it when the header does not say (SD2's 512 and 768 files share every key)."""
-
-    name: str  # the file name as published
-    format: str  # ".ckpt" or ".safetensors"
-    family: str  # a `families.FAMILIES` name
-    prediction_type: str  # "epsilon" or "v_prediction"
-
-
-def _known(*rows: tuple[str, str, str, str, str]) -> dict[str, KnownFile]:
-    """{sha256: KnownFile} from (sha256, name, format, family, prediction type) rows; a hash listed
-    twice is an error (a dict literal would silently keep the last)."""
-    table: dict[str, KnownFile] = {}
-    for digest, *fields in rows:
-        if digest in table:
-            raise ValueError(f"KNOWN_SHA256: {digest} listed twice ({table[digest].name}, {fields[0]})")
-        table[digest] = KnownFile(*fields)
-    return table
-
-
-_CK, _ST, _EPS, _V = ".ckpt", ".safetensors", "epsilon", "v_prediction"
-# Every value is copied from a public listing found while writing it (named per group), none from
-# memory; where two listings were needed to tie a hash to a file name, both are named. They cannot be
-# re-checked offline here. A wrong entry could only misname a file in `info` or decide SD2's epsilon/v
-# for that one file; it never decides a family (the header does).
-KNOWN_SHA256: dict[str, KnownFile] = _known(
-    # SD 1.4 / 1.5 .ckpt (CompVis, runwayml): Deforum's `model_map` (sha256 + huggingface.co URL per
-    # file); sd-v1-5-inpainting.ckpt: aiNodes' hash -> version table, and several download pins that
-    # give huggingface.co/.../stable-diffusion-inpainting, 4,265,437,280 bytes.
-    ("fe4efff1e174c627256e44ec2991ba279b3816e364b49f9be2abc0b3ff3f8556", "sd-v1-4.ckpt", _CK, "sd1", _EPS),
-    ("14749efc0ae8ef0329391ad4436feb781b402f4fece4883c7ad8d10556d8a36a", "sd-v1-4-full-ema.ckpt", _CK, "sd1", _EPS),
-    ("cc6cb27103417325ff94f52b7a5d2dde45a7515b25c255d8e396c90014281516", "v1-5-pruned-emaonly.ckpt", _CK, "sd1", _EPS),
-    ("e1441589a6f3c5a53f5f54d0975a18a7feb7cdf0b0dee276dfc3331ae376a053", "v1-5-pruned.ckpt", _CK, "sd1", _EPS),
-    ("c6bbc15e3224e6973459ba78de4998b80b50112b0ae5b5c67113d56b4e366b19",
-     "sd-v1-5-inpainting.ckpt", _CK, "sd1-inpaint", _EPS),
-    # SD 1.5 .safetensors (runwayml/stable-diffusion-v1-5): Hugging Face's own LFS download links
-    # (cdn-lfs.huggingface.co/repos/.../<sha256>?...filename="v1-5-pruned....safetensors") in a public
-    # A1111 install script; the same prefixes in sd-webui-model-mixer's base-model list ("[6ce0161689]").
-    ("6ce0161689b3853acaa03779ec93eafe75a02f4ced659bee03f50797806fa2fa",
-     "v1-5-pruned-emaonly.safetensors", _ST, "sd1", _EPS),
-    ("1a189f0be69d6106a48548e7626207dddd7042a418dbf372cefd05e0cdba61b6", "v1-5-pruned.safetensors", _ST, "sd1", _EPS),
-    # The A1111 org's safetensors conversion of the inpainting .ckpt (webui/stable-diffusion-inpainting):
-    # two model catalogs that pin that URL with this sha256 (4,265,203,873 bytes).
-    ("0ec8f8585b104417a8c34a9fbcc1e922a70b8c15490ec4553087f01c8cf33673",
-     "sd-v1-5-inpainting.safetensors", _ST, "sd1-inpaint", _EPS),
-    # SD 2.0 .ckpt (stabilityai/stable-diffusion-2, -2-base, -2-inpainting): Deforum's `model_map` and
-    # aiNodes' hash -> version/config table (both name the file); 512-base-ema.ckpt also in public
-    # download scripts that check it with `sha256sum -c`.
-    ("d635794c1fedfdfa261e065370bea59c651fc9bfa65dc6d67ad29e11869a1824", "512-base-ema.ckpt", _CK, "sd2", _EPS),
-    ("bfcaf0755797b0c30eb00a3787e8b423eb1f5decd8de76c4d824ac2dd27e139f", "768-v-ema.ckpt", _CK, "sd2-v", _V),
-    ("2a208a7ded5d42dcb0c0ec908b23c631002091e06afe7e76d16cd11079f8d4e3",
-     "512-inpainting-ema.ckpt", _CK, "sd2-inpaint", _EPS),
-    # 512-inpainting-ema.safetensors: its LFS OID (5,214,662,094 bytes) as several project notes record
-    # it from stabilityai/stable-diffusion-2-inpainting; A1111 infotexts show its prefix "b29e2ed9a8".
-    ("b29e2ed9a8fe58e76f7e801bda091d23738bd74c1da3f339bcbe2d40922fcb60",
-     "512-inpainting-ema.safetensors", _ST, "sd2-inpaint", _EPS),
-    # SD 2.1 .ckpt: Deforum's `model_map` and aiNodes' table (ema-pruned); v2-1_768-nonema-pruned.ckpt: the
-    # full hash from a public hash -> model database ("stable-diffusion 2.1 768"), tied to the file name by
-    # sd-webui-model-mixer's list ("v2-1_768-nonema-pruned.ckpt [4711ff4dd2]").
-    ("88ecb782561455673c4b78d05093494b9c539fc6bfc08f3a9a4a0dd7b0b10f36", "v2-1_512-ema-pruned.ckpt", _CK, "sd2", _EPS),
-    ("ad2a33c361c1f593c4a1fb32ea81afce2b5bb7d1983c6b94793a26a3b54b08a0", "v2-1_768-ema-pruned.ckpt", _CK, "sd2-v", _V),
-    ("4711ff4dd270067f71d5ea0725e83e4dc7c41f586a588531ee1c3bd549e9119d",
-     "v2-1_768-nonema-pruned.ckpt", _CK, "sd2-v", _V),
-    # SD 2.1 .safetensors: issue 17 (768 and 512 ema-pruned); the 768 files also in SwarmUI's
-    # `CommonModels` registry and in Hugging Face LFS download links (the A1111 install script above);
-    # the 512 one also as the blob name of a Hugging Face hub cache listing (sd2-community mirror).
-    ("dcd690123cfc64383981a31d955694f6acf2072a80537fdb612c8e58ec87a8ac",
-     "v2-1_768-ema-pruned.safetensors", _ST, "sd2-v", _V),
-    ("ff144a49841cf383adbc68841272ce639e1032b0a1f0f6586347feb953c244f4",
-     "v2-1_768-nonema-pruned.safetensors", _ST, "sd2-v", _V),
-    ("df955bdf6b682338ea9b55dfc0d8f3475aadf4836e204893d28b82355e0956d2",
-     "v2-1_512-ema-pruned.safetensors", _ST, "sd2", _EPS),
-    # SDXL 1.0 (stabilityai/stable-diffusion-xl-base-1.0, -refiner-1.0): SwarmUI's `CommonModels`
-    # (base, refiner) and Hugging Face LFS download links in a public download script (both base files);
-    # the 0.9-VAE files in SimpleSDXL's default models_info (sha256 + size), and their A1111 short
-    # hashes ("[e6bb9ea85b]", "[8d0ce6c016]") in other checkpoint lists.
-    ("31e35c80fc4829d14f90153f4c74cd59c90b779f6afe05a74cd6120b893f7e5b",
-     "sd_xl_base_1.0.safetensors", _ST, "sdxl", _EPS),
-    ("e6bb9ea85bbf7bf6478a7c6d18b71246f22e95d41bcdd80ed40aa212c33cfeff",
-     "sd_xl_base_1.0_0.9vae.safetensors", _ST, "sdxl", _EPS),
-    ("7440042bbdc8a24813002c09b6b69b64dc90fded4472613437b7f55f9b7d9c5f",
-     "sd_xl_refiner_1.0.safetensors", _ST, "sdxl-refiner", _EPS),
-    ("8d0ce6c016004cbdacd50f937dad381d8c396628d621a7f97191470532780164",
-     "sd_xl_refiner_1.0_0.9vae.safetensors", _ST, "sdxl-refiner", _EPS),
-)  # fmt: skip
-# Not listed, for want of a listing that ties a full hash to the file: 768-v-ema.safetensors and
-# 512-base-ema.safetensors (SD 2.0), v2-1_512-nonema-pruned.ckpt/.safetensors (SD 2.1). No official
-# SD 2.1 inpainting or SD 1.4 .safetensors release was found.
 
 
 def sha256(path: Path, chunk: int = 1 << 24) -> str:

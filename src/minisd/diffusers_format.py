@@ -289,7 +289,8 @@ def unet_table(config: UNetConfig, *, text_time: bool | None = None) -> KeyTable
 
 
 # ------------------------------------------------------------------------------------- VAE
-def vae_to_diffusers(cfg: VAEConfig) -> dict[str, Any]:
+def vae_to_diffusers(cfg: VAEConfig, *, force_upcast: bool = True) -> dict[str, Any]:
+    """The `AutoencoderKL` config of a VAE; `force_upcast` false for one recorded as fp16-safe (`vae_files`)."""
     n = len(cfg.ch_mult)
     return {
         "_class_name": "AutoencoderKL",
@@ -304,6 +305,7 @@ def vae_to_diffusers(cfg: VAEConfig) -> dict[str, Any]:
         "act_fn": "silu",
         "sample_size": cfg.resolution,
         "scaling_factor": cfg.scale_factor,
+        "force_upcast": force_upcast,
     }
 
 

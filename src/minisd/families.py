@@ -15,7 +15,11 @@ Code reads these fields; it never parses or compares family names.
 | `sd2-v`        | v2-1_768-ema-pruned.safetensors | `SD2_UNET`          | OpenCLIP-H (open_clip)         | v          |
 | `sd2-inpaint`  | 512-inpainting-ema.safetensors  | `SD2_INPAINT_UNET`  | OpenCLIP-H (open_clip)         | epsilon    |
 | `sdxl`         | sd_xl_base_1.0.safetensors      | `SDXL_BASE_UNET`    | CLIP-L (HF) + bigG (open_clip) | epsilon    |
+| `sdxl-inpaint` | sd_xl_base_1.0_inpainting_0.1   | `SDXL_INPAINT_UNET` | CLIP-L (HF) + bigG (open_clip) | epsilon    |
 | `sdxl-refiner` | sd_xl_refiner_1.0.safetensors   | `SDXL_REFINER_UNET` | bigG (open_clip)               | epsilon    |
+
+Any family may be loaded with another prediction type (`with_prediction`: an SDXL v-prediction
+fine-tune) and, for v-prediction, with the zero-terminal-SNR schedule (`with_zero_terminal_snr`).
 """
 
 from __future__ import annotations
@@ -109,6 +113,16 @@ class Family:
     low_noise_only: bool = False
     diffusers_pipeline: str = "StableDiffusionPipeline"  # `_class_name` in model_index.json
     diffusers_scheduler: str = "PNDMScheduler"  # the scheduler the official diffusers repo ships
+    # Trained on betas rescaled to zero terminal SNR (Lin et al. 2023, Algorithm 1; always with
+    # v-prediction): sampling then uses that schedule and "trailing" timesteps (their sec. 3.3), as
+    # diffusers' `rescale_betas_zero_snr=True, timestep_spacing="trailing"`. No official release is.
+    zero_terminal_snr: bool = False
+
+    @property
+    def timestep_spacing(self) -> str:
+        """diffusers' `timestep_spacing` a sampler uses by default: the official configs' "leading", or
+        "trailing" for a zero-terminal-SNR model (Lin et al. 2023, sec. 3.3: start at the last timestep)."""
+        return "trailing" if self.zero_terminal_snr else "leading"
 
     @property
     def inpainting(self) -> bool:
@@ -164,6 +178,9 @@ _SDXL = Family(
     diffusers_scheduler="EulerDiscreteScheduler",
 )  # fmt: skip
 _INPAINT = "StableDiffusionInpaintPipeline"
+# sd_xl_base_1.0_inpainting_0.1 (diffusers/stable-diffusion-xl-1.0-inpainting-0.1): the base U-Net
+# with 9 input channels (latents, mask, masked-image latents), as SD1/SD2's inpainting models.
+SDXL_INPAINT_UNET = dataclasses.replace(SDXL_BASE_UNET, in_channels=9)
 
 FAMILIES: dict[str, Family] = {
     f.name: f
@@ -174,6 +191,14 @@ FAMILIES: dict[str, Family] = {
         dataclasses.replace(_SD2, name="sd2-v", prediction_type="v_prediction", default_size=768),
         dataclasses.replace(_SD2, name="sd2-inpaint", unet=SD2_INPAINT_UNET, diffusers_pipeline=_INPAINT),
         _SDXL,
+        # guidance 7.5: StableDiffusionXLInpaintPipeline's default (its text-to-image pipeline's is 5.0)
+        dataclasses.replace(
+            _SDXL,
+            name="sdxl-inpaint",
+            unet=SDXL_INPAINT_UNET,
+            default_guidance=7.5,
+            diffusers_pipeline="StableDiffusionXLInpaintPipeline",
+        ),
         dataclasses.replace(
             _SDXL,
             name="sdxl-refiner",
@@ -191,7 +216,7 @@ FAMILIES: dict[str, Family] = {
 # SD2 512 (epsilon) and 768 (v) -- the one place where a prediction type picks a family.
 _BY_PREDICTION = {("sd2", "v_prediction"): "sd2-v", ("sd2-v", "epsilon"): "sd2"}
 # The inpainting model (9 input channels) of each text-to-image family that has one.
-_INPAINTING = {"sd1": "sd1-inpaint", "sd2": "sd2-inpaint"}
+_INPAINTING = {"sd1": "sd1-inpaint", "sd2": "sd2-inpaint", "sdxl": "sdxl-inpaint"}
 
 
 def family_spec(name: str) -> Family:
@@ -208,6 +233,8 @@ def with_prediction(family: Family, prediction_type: str) -> Family:
         raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
     if prediction_type == family.prediction_type:
         return family
+    if family.zero_terminal_snr and prediction_type == "epsilon":  # Lin et al. 2023, sec. 3.2
+        family = dataclasses.replace(family, zero_terminal_snr=False)
     other = _BY_PREDICTION.get((family.name, prediction_type))
     if other is None:
         return dataclasses.replace(family, prediction_type=prediction_type)
@@ -220,8 +247,20 @@ def prediction_is_ambiguous(family: Family) -> bool:
     return any(name == family.name for name, _ in _BY_PREDICTION)
 
 
+def with_zero_terminal_snr(family: Family) -> Family:
+    """`family` trained on the zero-terminal-SNR schedule (a v-prediction model: with epsilon the last
+    step would predict nothing, Lin et al. 2023, sec. 3.2)."""
+    if family.prediction_type != "v_prediction":
+        raise ValueError(
+            f"zero terminal SNR needs a v_prediction model; {family.name} predicts {family.prediction_type}"
+        )
+    return dataclasses.replace(family, zero_terminal_snr=True)
+
+
 def inpainting_variant(family: Family, where: str) -> Family:
-    """The 9-channel inpainting family of a text-to-image family (`where` names the file for errors)."""
+    """The 9-channel inpainting family of a text-to-image family (`where` names the file for errors),
+    keeping `family`'s prediction type and schedule."""
     if family.name not in _INPAINTING:
         raise ValueError(f"{where}: a 9-channel (inpainting) {family.name} U-Net is not a family minisd knows")
-    return FAMILIES[_INPAINTING[family.name]]
+    inpaint = with_prediction(FAMILIES[_INPAINTING[family.name]], family.prediction_type)
+    return dataclasses.replace(inpaint, zero_terminal_snr=family.zero_terminal_snr)

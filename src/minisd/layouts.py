@@ -95,6 +95,8 @@ OFFICIAL_IGNORES = (
     Ignore("model_ema.num_updates", "EMA bookkeeping"),
     Ignore("denoiser.*", "sgm's discretized sigma buffer; minisd computes the schedule"),
     Ignore("cond_stage_model.model.visual.*", "OpenCLIP image tower, unused for text conditioning"),
+    Ignore("v_pred", "empty marker: a v-prediction model (read by `detection`, as ComfyUI does)"),
+    Ignore("ztsnr", "empty marker: trained with zero terminal SNR (read by `detection`, as ComfyUI does)"),
 )  # fmt: skip
 OFFICIAL_EXTRAS = KeyTable("official-file extras", (), OFFICIAL_IGNORES)
 _EMA_REASON = "EMA copy of the U-Net (pass use_ema=True to load it instead)"

@@ -21,17 +21,21 @@ import logging
 import math
 import numbers
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import PIL.Image
 import torch
 
+from . import lora as _lora
 from .checkpoint import Components, load_components
 from .conditioning import Conditioning, MicroConditioning, encode_prompt
+from .embeddings import Embeddings, check_token, read_embedding, vectors_for_model
 from .families import Family
 from .images import ImageInput, images_to_tensor, masks_to_tensor, tensor_to_pil, to_unit_range
 from .pipeline import (
+    HIRES_UPSCALERS,
+    Hires,
     Init,
     InitImage,
     InitLatents,
@@ -43,6 +47,7 @@ from .pipeline import (
     check_finite,
     check_latents,
     check_tensor,
+    hires_fix,
     img2img,
     inpaint,
     inpaint_blend,
@@ -50,8 +55,10 @@ from .pipeline import (
     shown,
     txt2img,
 )
+from .prompt_syntax import PROMPT_SYNTAXES
 from .samplers import SAMPLER_NAMES, Callback
 from .schedules import DiscreteSchedule
+from .vae_files import load_vae_file
 
 logger = logging.getLogger(__name__)
 
@@ -69,10 +76,11 @@ def load(
     config: Family | Mapping | str | Path | None = None,
     prediction_type: str | None = None,
     use_ema: bool = False,
-    vae_dtype: torch.dtype = torch.float32,
+    vae_dtype: torch.dtype | None = None,
     variant: str | None = None,
     allow_pickle: bool = False,
     mmap: bool = False,
+    vae: str | Path | None = None,
 ) -> StableDiffusion:
     """Load an official single-file checkpoint or a diffusers folder, ready to generate.
 
@@ -85,11 +93,13 @@ def load(
         config: a non-standard architecture (see `sources.apply_config`), for tiny or custom models.
         prediction_type: override the prediction type ("epsilon" or "v_prediction").
         use_ema: load the `model_ema.*` copy of the U-Net from a non-pruned file.
-        vae_dtype: the VAE's dtype; float32 by default because the SDXL VAE overflows in fp16.
+        vae_dtype: the VAE's dtype; default float32 (the SDXL VAE overflows in fp16), or `dtype` for a
+            VAE recorded as fp16-safe (`sd.vae_precision`; see `vae_files`).
         variant: a diffusers weights variant such as "fp16" (`*.fp16.safetensors`).
         allow_pickle: read `.ckpt`/`.pt` files with `torch.load(weights_only=True)`.
         mmap: keep weights that need no cast as views of the file's memory map instead of copies; the
             file must then never change while the model lives (see `checkpoint.load_components`).
+        vae: a standalone VAE file or folder to use instead of the checkpoint's (`StableDiffusion.load_vae`).
     """
     components = load_components(
         path,
@@ -104,13 +114,50 @@ def load(
         allow_pickle=allow_pickle,
         mmap=mmap,
     )
-    return StableDiffusion(**vars(components))
+    sd = StableDiffusion(**vars(components))
+    if vae is not None:
+        sd.load_vae(vae, vae_dtype=vae_dtype, allow_pickle=allow_pickle)
+    return sd
+
+
+def base_then_refiner(
+    base: StableDiffusion,
+    refiner: StableDiffusion,
+    prompt: str | Sequence[str],
+    *,
+    refiner_at: float = 0.8,
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
+    output: str = "pil",
+    callback: Callback | None = None,
+    width: int | None = None,
+    height: int | None = None,
+    **kwargs,
+) -> list[PIL.Image.Image] | torch.Tensor:
+    """SDXL's ensemble of expert denoisers (diffusers' base + refiner recipe, Podell et al. 2023 sec. 2.5): the
+    base runs the schedule down to `refiner_at` (`denoising_end`) and hands its VP latents to the refiner, which
+    runs the rest (`denoising_start`), both drawing from one generator. `kwargs` (steps, sampler, guidance_scale,
+    negative_prompt, num_images, ...) go to both `generate` calls; `width`/`height` to the base only.
+
+        images = base_then_refiner(base, refiner, "a lion", refiner_at=0.8, steps=40, seed=0)
+    """
+    generator = _make_generator(seed, generator)
+    latents = base.generate(prompt, denoising_end=refiner_at, output="latent", generator=generator,
+                            callback=callback, width=width, height=height, **kwargs)  # fmt: skip
+    kwargs.pop("noise", None)  # the refiner draws no initial noise
+    return refiner.generate(prompt, init_latents=latents, denoising_start=refiner_at, generator=generator,
+                            output=output, callback=callback, **kwargs)  # fmt: skip
 
 
 @dataclass
 class StableDiffusion(Components):
     """A ready model: the components (`family`, `unet`, `vae`, `text_encoders`, `text_uses`,
     `tokenizer`, `prediction_reason`, `ignored`; see `checkpoint.Components`) and the pipelines."""
+
+    # The LoRA / LyCORIS adapters applied to the U-Net and text encoders (see `minisd.lora`).
+    loras: _lora.LoraSet = field(default_factory=_lora.LoraSet, repr=False, compare=False)
+    # Textual-inversion embeddings whose tokens prompts may use (see `load_embedding`, `minisd.embeddings`).
+    embeddings: Embeddings = field(default_factory=Embeddings, repr=False, compare=False)
 
     @property
     def scale_factor(self) -> float:
@@ -130,10 +177,74 @@ class StableDiffusion(Components):
         """Image sides must be multiples of this: VAE downsampling x U-Net downsampling."""
         return self.vae.config.downsample_factor * self.unet.config.downsample_factor
 
+    # ------------------------------------------------------------------ LoRA / LyCORIS (minisd.lora, docs/lora.md)
+    def load_lora(self, path: str | Path, scale: float = 1.0, name: str | None = None, *,
+                  allow_pickle: bool = False) -> str:  # fmt: skip
+        """Apply a kohya / A1111, diffusers / PEFT, LoHa or LoKr file with `scale`; returns its name
+        (default: the file's stem), used by `set_lora_scale` and `unload_lora`."""
+        return _lora.load_lora(self, path, scale, name, allow_pickle=allow_pickle)
+
+    def set_lora_scale(self, name: str, scale: float) -> None:
+        """Change one loaded adapter's scale."""
+        _lora.set_lora_scale(self, name, scale)
+
+    def unload_lora(self, name: str | None = None) -> None:
+        """Remove one adapter (or all): the weights are bit-identical to before."""
+        _lora.unload_lora(self, name)
+
+    def fuse_lora(self) -> None:
+        """Write the loaded adapters into the weights (no per-forward cost); `unfuse_lora` undoes it exactly."""
+        _lora.fuse_lora(self)
+
+    def unfuse_lora(self) -> None:
+        """Restore the original weights and apply the adapters in the forward again."""
+        _lora.unfuse_lora(self)
+
+    def load_vae(
+        self,
+        path: str | Path,
+        *,
+        upcast: bool | None = None,
+        vae_dtype: torch.dtype | None = None,
+        allow_pickle: bool = False,
+    ) -> None:
+        """Replace the VAE with a standalone VAE file or folder (the layouts are in `minisd.vae_files`),
+        which must fit this model's VAE architecture. `upcast` records whether it must decode in float32
+        under an fp16 model (default: the file's config.json or known hash says, else True); the VAE
+        then runs in `vae_dtype`, else float32 or the model's dtype accordingly (`sd.vae_precision`)."""
+        device = next(self.vae.parameters()).device
+        self.vae, self.vae_precision = load_vae_file(
+            path, self.vae.config, device=device, model_dtype=self.dtype, vae_dtype=vae_dtype, upcast=upcast,
+            allow_pickle=allow_pickle,
+        )  # fmt: skip
+
+    # ------------------------------------------------------------------ textual inversion (docs/prompts.md)
+    def load_embedding(self, path: str | Path, token: str | None = None) -> str:
+        """Load a textual-inversion embedding (A1111 .pt / .safetensors, diffusers learned_embeds, SDXL
+        clip_l + clip_g; `minisd.embeddings`) under `token` (default: the file's stem); returns the token,
+        which prompts may then use, in any prompt syntax and inside weighted spans."""
+        file = read_embedding(path)
+        vectors = vectors_for_model(file, self.family, [e.config.width for e in self.text_encoders])
+        token = check_token(Path(path).stem if token is None else token, self.tokenizer, self.embeddings)
+        self.embeddings.add(token, vectors)
+        logger.info("minisd: embedding %r: %s from %s (%s)", token, file.described, file.path, file.layout)
+        return token
+
+    def unload_embedding(self, token: str) -> None:
+        """Forget the embedding loaded under `token`."""
+        self.embeddings.remove(token)
+
     def encode_prompt(
-        self, prompts: str | Sequence[str], *, clip_skip: int = 0, zero_empty: bool = False
+        self,
+        prompts: str | Sequence[str],
+        *,
+        clip_skip: int = 0,
+        zero_empty: bool = False,
+        prompt_syntax: str = "plain",
     ) -> Conditioning:
-        """Encode prompts as this family was trained (see `conditioning.encode_prompt`)."""
+        """Encode prompts as this family was trained (see `conditioning.encode_prompt`), with the
+        loaded embeddings; `prompt_syntax` is "plain", "a1111" or "comfy" (docs/prompts.md)."""
+        _check_choice("prompt_syntax", prompt_syntax, PROMPT_SYNTAXES)
         return encode_prompt(
             prompts,
             self.family,
@@ -142,6 +253,8 @@ class StableDiffusion(Components):
             uses=self.text_uses,
             clip_skip=clip_skip,
             zero_empty=zero_empty,
+            prompt_syntax=prompt_syntax,
+            embeddings=self.embeddings,
         )
 
     @torch.no_grad()
@@ -176,7 +289,7 @@ class StableDiffusion(Components):
         guidance_scale: float | None = None,
         sampler: str = "euler",
         schedule: DiscreteSchedule | None = None,
-        timestep_spacing: str = "leading",
+        timestep_spacing: str | None = None,
         eta: float | None = None,
         seed: int | None = None,
         generator: torch.Generator | None = None,
@@ -185,6 +298,7 @@ class StableDiffusion(Components):
         output: str = "pil",
         callback: Callback | None = None,
         clip_skip: int = 0,
+        prompt_syntax: str = "plain",
         guidance_rescale: float = 0.0,
         noise: str = "diffusers",
         init_image: ImageInput | None = None,
@@ -198,6 +312,10 @@ class StableDiffusion(Components):
         target_size: tuple[int, int] | None = None,
         aesthetic_score: float | None = None,
         negative_aesthetic_score: float | None = None,
+        hires_scale: float | None = None,
+        hires_strength: float = 0.7,
+        hires_steps: int | None = None,
+        hires_upscale: str = "latent",
     ) -> list[PIL.Image.Image] | torch.Tensor:
         """Text-to-image, image-to-image, inpainting, or one stage of SDXL's base -> refiner.
 
@@ -211,14 +329,21 @@ class StableDiffusion(Components):
         estimate is returned). `init_image` (+ `strength`), `mask_image`, `init_latents` (+
         `denoising_start`) and `denoising_end` pick the pipeline; `original_size`,
         `crop_coords_top_left`, `target_size` and the aesthetic scores are SDXL's micro-conditioning.
+        `prompt_syntax` "a1111" or "comfy" reads weights, BREAK and long prompts (docs/prompts.md).
+        `hires_scale` (with `hires_strength`, `hires_steps`, `hires_upscale`) runs A1111's two-pass hires fix
+        (`pipeline.hires_fix`): `generate("a cat", width=512, height=512, hires_scale=2)` gives 1024x1024.
         A bad argument raises a ValueError naming it; a NaN or inf from a model, `NonFiniteError`.
         """
         _check_choice("output", output, OUTPUT_TYPES)
         _check_choice("noise", noise, NOISE_CONVENTIONS)
+        _check_choice("prompt_syntax", prompt_syntax, PROMPT_SYNTAXES)
         _check_numbers(width=width, height=height, steps=steps, num_images=num_images, seed=seed, clip_skip=clip_skip,
                        guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, strength=strength, eta=eta,
-                       denoising_start=denoising_start, denoising_end=denoising_end)  # fmt: skip
-        sampling = _sampling(sampler, steps, timestep_spacing, eta, schedule, denoising_end)
+                       denoising_start=denoising_start, denoising_end=denoising_end, hires_scale=hires_scale,
+                       hires_strength=hires_strength, hires_steps=hires_steps)  # fmt: skip
+        _check_choice("hires_upscale", hires_upscale, tuple(HIRES_UPSCALERS))
+        hires = None if hires_scale is None else Hires(hires_scale, hires_strength, hires_steps, hires_upscale)
+        sampling = _sampling(sampler, steps, timestep_spacing, eta, schedule, denoising_end, self.family)
         images = None if init_image is None else images_to_tensor(init_image)
         masks = None if mask_image is None else masks_to_tensor(mask_image)
         init = self._init(images, init_latents)
@@ -231,15 +356,18 @@ class StableDiffusion(Components):
             aesthetic_score=aesthetic_score,
             negative_aesthetic_score=negative_aesthetic_score,
         )
-        text = self._prompt(prompt, negative_prompt, micro, num_images, guidance_scale, guidance_rescale, clip_skip)
+        text = self._prompt(prompt, negative_prompt, micro, num_images, guidance_scale, guidance_rescale, clip_skip,
+                            prompt_syntax)  # fmt: skip
         rng = Noise(_make_generator(seed, generator), noise, latents)
         if masks is not None or self.family.inpainting:
+            if hires is not None:
+                raise ValueError("hires_scale does not combine with inpainting (mask_image or an inpainting model)")
             _check_inpainting(images, masks, self.family.inpainting, denoising_start)
             pipeline = inpaint if self.family.inpainting else inpaint_blend
             strength = 1.0 if strength is None else strength  # diffusers' default: a pure-noise start
             result = pipeline(self, text, sampling, rng, MaskedImage(images, masks), strength, callback)
         else:
-            result = self._run(text, sampling, rng, size, init, strength, denoising_start, callback)
+            result = self._run(text, sampling, rng, size, init, strength, denoising_start, hires, callback)
         return result.latents if output == "latent" else self.decode(result.latents, output)
 
     # ------------------------------------------------------------------ pieces of generate
@@ -252,10 +380,16 @@ class StableDiffusion(Components):
         init: Init | None,
         strength: float | None,
         denoising_start: float | None,
+        hires: Hires | None,
         callback: Callback | None,
     ) -> Sampled:
         """The pipeline for a request without a mask: the refiner stage for `denoising_start`,
-        img2img from an init image or latents, else text-to-image."""
+        img2img from an init image or latents, A1111's hires fix, else text-to-image."""
+        if hires is not None:
+            if init is not None or strength is not None or sampling.denoising_end is not None:
+                raise ValueError("hires_scale is a text-to-image pass; it takes no init_image, init_latents, "
+                                 "strength or denoising_end (hires_strength sets the second pass's strength)")
+            return hires_fix(self, text, sampling, rng, size, hires, callback)
         if denoising_start is not None:
             if init is None:
                 raise ValueError("denoising_start needs init_latents (or init_image) to continue from")
@@ -280,6 +414,7 @@ class StableDiffusion(Components):
         guidance_scale: float | None,
         guidance_rescale: float,
         clip_skip: int,
+        prompt_syntax: str,
     ) -> Prompt:
         prompts = _prompt_list(prompt, "prompt")
         negatives = _prompt_list(negative_prompt, "negative_prompt")
@@ -288,7 +423,7 @@ class StableDiffusion(Components):
         scale = self.family.default_guidance if guidance_scale is None else float(guidance_scale)
         negatives = negatives * len(prompts) if len(negatives) == 1 else negatives
         rescale, n, skip = float(guidance_rescale), int(num_images), int(clip_skip)  # numpy numbers -> Python
-        return Prompt(tuple(prompts), tuple(negatives), micro, n, scale, rescale, skip)
+        return Prompt(tuple(prompts), tuple(negatives), micro, n, scale, rescale, skip, prompt_syntax)
 
     def _micro_conditioning(self, size: tuple[int, int], **given) -> MicroConditioning:
         """SDXL's size/crop/aesthetic conditioning (default: the output size, no crop), checked against
@@ -397,6 +532,9 @@ _NUMBERS = {
     "eta": _Number(low=0, high=1, optional=True),
     "denoising_start": _Number(low=0, high=1, open=True, optional=True),
     "denoising_end": _Number(low=0, high=1, open=True, optional=True),
+    "hires_scale": _Number(low=1, optional=True),  # A1111's slider starts at 1
+    "hires_strength": _Number(low=0, high=1, open=True),  # (0, 1): A1111 runs int(steps / strength) steps
+    "hires_steps": _Number(integer=True, low=1, optional=True),
 }
 
 
@@ -435,11 +573,16 @@ def _sampling(
     eta: float | None,
     schedule: DiscreteSchedule | None,
     denoising_end: float | None,
+    family: Family,
 ) -> Sampling:
+    """The request's sampling; by default the family's training schedule and timestep spacing (a
+    zero-terminal-SNR model: the rescaled betas and "trailing", `Family.zero_terminal_snr`)."""
     _check_choice("sampler", sampler, SAMPLER_NAMES)
     if schedule is not None and not isinstance(schedule, DiscreteSchedule):
         raise ValueError(f"schedule: expected a DiscreteSchedule or None, got {shown(schedule)}")
-    schedule = DiscreteSchedule.scaled_linear() if schedule is None else schedule
+    if schedule is None:
+        schedule = DiscreteSchedule.scaled_linear(zero_terminal_snr=family.zero_terminal_snr)
+    spacing = family.timestep_spacing if spacing is None else spacing
     return Sampling(sampler, int(steps), spacing, eta, schedule, denoising_end)  # checked by _check_numbers
 
 

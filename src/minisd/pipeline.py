@@ -24,14 +24,14 @@ import functools
 import logging
 import reprlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from . import compat
-from .conditioning import MicroConditioning, vector_conditioning
+from .conditioning import Conditioning, MicroConditioning, pad_context, vector_conditioning
 from .denoisers import Denoiser, DiscreteDenoiser, cfg_denoiser
 from .samplers import Callback, SamplerPlan, plan_sampler
 from .schedules import DiscreteSchedule, from_variance_preserving, img2img_start, split_sigmas, to_variance_preserving
@@ -133,6 +133,7 @@ class Prompt:
     guidance_scale: float = 7.5
     guidance_rescale: float = 0.0  # Lin et al. 2023's phi
     clip_skip: int = 0
+    prompt_syntax: str = "plain"  # "plain", "a1111" or "comfy" (prompt_syntax.py, docs/prompts.md)
 
     @property
     def batch(self) -> int:
@@ -290,6 +291,71 @@ def inpaint_blend(sd: StableDiffusion, prompt: Prompt, sampling: Sampling, noise
     return Sampled(mask * out.latents + (1 - mask) * known, out.stopped_at)  # diffusers' last blend: the clean init
 
 
+# ---------------------------------------------------------------------- hires fix: two passes
+# A1111's latent upscalers (modules/shared_items.py `latent_upscale_modes`): F.interpolate modes, no antialias.
+HIRES_UPSCALERS = {
+    "latent": ("bilinear", "Latent"),
+    "latent-nearest": ("nearest-exact", "Latent (nearest-exact)"),
+    "pixel": ("bicubic", "pixel (bicubic)"),  # decode, resize the image, encode again
+}
+
+
+@dataclass(frozen=True)
+class Hires:
+    """A1111's "hires fix": the second pass of `hires_fix`. `scale` multiplies the base size (rounded down
+    to the model's size multiple); `strength` is the second pass's denoising strength; it runs `steps`
+    steps (None: as many as the first pass); `upscale` is a key of `HIRES_UPSCALERS`."""
+
+    scale: float = 2.0
+    strength: float = 0.7  # A1111's default denoising strength
+    steps: int | None = None
+    upscale: str = "latent"
+
+    def size(self, size: tuple[int, int], multiple: int) -> tuple[int, int]:
+        """(height, width) of the second pass."""
+        return int(size[0] * self.scale) // multiple * multiple, int(size[1] * self.scale) // multiple * multiple
+
+    def sampling(self, sampling: Sampling) -> tuple[Sampling, int]:
+        """The second pass's schedule and its first step. As A1111's `setup_img2img_steps` with the steps
+        given (sd_samplers_common.py): a schedule of int(n / strength) steps of which the last n run, so
+        exactly n steps run whatever the strength (diffusers' img2img runs int(steps * strength))."""
+        n = self.steps or sampling.steps
+        total = int(n / min(self.strength, 0.999))
+        return replace(sampling, steps=total, denoising_end=None), total - n
+
+
+def hires_fix(sd: StableDiffusion, prompt: Prompt, sampling: Sampling, noise: Noise, size: tuple[int, int],
+              hires: Hires, callback: Callback | None = None) -> Sampled:  # fmt: skip
+    """A1111's hires fix (processing.py, `StableDiffusionProcessingTxt2Img.sample_hr_pass`): txt2img at
+    `size`, its latents upscaled (`upscale_latents`), then img2img at the larger size from the same generator."""
+    first = txt2img(sd, prompt, sampling, noise, size, callback)
+    if first.stopped_at is not None:
+        return first
+    big = hires.size(size, sd.size_multiple)
+    known = upscale_latents(sd, first.latents, big, hires.upscale, noise.generator)
+    if prompt.micro.target_size == size:  # SDXL's default micro-conditioning follows the image size
+        prompt = replace(prompt, micro=replace(prompt.micro, original_size=big, target_size=big))
+    second, start = hires.sampling(sampling)
+    plan = second.plan()
+    sigmas = sigmas_to_run(plan, second, first=start)
+    conds = encode(sd, prompt)
+    x = image_start(known, draw_noise(sd, replace(noise, latents=None), tuple(known.shape)), float(sigmas[0]))
+    model = guided_denoiser(sd, second, plan, prompt, conds)
+    return sample(plan, model, x, sigmas, noise.generator, callback)
+
+
+def upscale_latents(sd: StableDiffusion, latents: torch.Tensor, size: tuple[int, int], how: str,
+                    generator: torch.Generator) -> torch.Tensor:  # fmt: skip
+    """VP latents resized to an image of `size` pixels: in latent space (A1111's "Latent" upscalers:
+    `F.interpolate(samples, mode=..., antialias=False)`), or decoded, resized in pixels, and encoded again."""
+    mode = HIRES_UPSCALERS[how][0]
+    if how != "pixel":
+        f = sd.vae.config.downsample_factor
+        return F.interpolate(latents, size=(size[0] // f, size[1] // f), mode=mode)
+    images = F.interpolate(sd.decode(latents, output="tensor"), size=size, mode=mode).clamp(0, 1)
+    return sd.encode_images(images, generator).to(latents.device)
+
+
 # ---------------------------------------------------------------------- 1. encode the prompts
 @dataclass(frozen=True)
 class Conditions:
@@ -305,14 +371,29 @@ class Conditions:
 
 def encode(sd: StableDiffusion, prompt: Prompt) -> Conditions:
     """Step 1: the conditioning of the prompts and of the negative prompts (SDXL base encodes an empty
-    negative prompt as zeros, `Family.zero_empty_negative`; the negative's `y` uses its aesthetic score)."""
-    return Conditions(
-        _condition(sd, prompt, prompt.prompts, negative=False), _condition(sd, prompt, prompt.negatives, negative=True)
-    )
+    negative prompt as zeros, `Family.zero_empty_negative`; the negative's `y` uses its aesthetic score).
+    Long prompts ("a1111" / "comfy" syntax) may give the two sides different numbers of 77-token chunks:
+    the shorter is padded with its empty prompt's encoding (A1111's `pad_cond_uncond`)."""
+    pos = _encoded(sd, prompt, prompt.prompts, negative=False)
+    neg = _encoded(sd, prompt, prompt.negatives, negative=True)
+    tokens = max(pos.context.shape[1], neg.context.shape[1])
+    pos, neg = _padded(sd, prompt, pos, tokens, negative=False), _padded(sd, prompt, neg, tokens, negative=True)
+    return Conditions(_condition(sd, prompt, pos, negative=False), _condition(sd, prompt, neg, negative=True))
 
 
-def _condition(sd: StableDiffusion, prompt: Prompt, texts: tuple[str, ...], *, negative: bool):
-    c = sd.encode_prompt(list(texts), clip_skip=prompt.clip_skip, zero_empty=negative and sd.family.zero_empty_negative)
+def _encoded(sd: StableDiffusion, prompt: Prompt, texts: tuple[str, ...], *, negative: bool) -> Conditioning:
+    zero_empty = negative and sd.family.zero_empty_negative
+    return sd.encode_prompt(list(texts), clip_skip=prompt.clip_skip, zero_empty=zero_empty,
+                            prompt_syntax=prompt.prompt_syntax)  # fmt: skip
+
+
+def _padded(sd: StableDiffusion, prompt: Prompt, c: Conditioning, tokens: int, *, negative: bool) -> Conditioning:
+    if c.context.shape[1] == tokens:
+        return c
+    return pad_context(c, tokens, _encoded(sd, prompt, ("",), negative=negative))
+
+
+def _condition(sd: StableDiffusion, prompt: Prompt, c: Conditioning, *, negative: bool):
     check_finite(c.context, "text encoder")  # else the U-Net would be blamed for it
     out = {"context": c.context.repeat_interleave(prompt.num_images, dim=0).to(sd.device)}
     if sd.family.y_inputs:  # SDXL: pooled text vector and micro-conditioning (the same sizes for the negative)

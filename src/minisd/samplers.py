@@ -453,30 +453,42 @@ class SamplerSpec:
     timestep_rule: str  # which of diffusers' spacing formulas its scheduler uses (`schedules.TIMESTEP_RULES`)
     sigma_schedules: tuple[str, ...]  # "discrete", and the Karras / exponential options its scheduler has
     options: tuple[str, ...] = ()  # the keyword options fn takes besides generator and callback
+    diffusers: str = ""  # the diffusers scheduler (and arguments) it reproduces
+    a1111: str = ""  # A1111's display name of the same k-diffusion sampler (its infotext "Sampler")
+    about: str = ""  # one line for `minisd samplers`
 
 
 # Each entry reproduces a diffusers scheduler on the official SD config (docs/samplers.md).
 # EulerAncestral and DDIM have no Karras option; DPMSolverMultistep truncates exponential
 # schedules' fractional timesteps to integers, which minisd does not copy.
 SAMPLERS: dict[str, SamplerSpec] = {
-    # DDIMScheduler; step(eta=...) <-> eta
-    "ddim": SamplerSpec(sample_ddim, "ddim", ("discrete",), ("eta",)),
-    # EulerDiscreteScheduler
-    "euler": SamplerSpec(sample_euler, "euler", ("discrete", "karras", "exponential")),
-    # EulerAncestralDiscreteScheduler (eta = 1)
-    "euler_a": SamplerSpec(sample_euler_ancestral, "euler", ("discrete",), ("eta",)),
-    # HeunDiscreteScheduler
-    "heun": SamplerSpec(sample_heun, "euler", ("discrete", "karras", "exponential")),
-    # LMSDiscreteScheduler, step order 4
-    "lms": SamplerSpec(sample_lms, "euler", ("discrete", "karras", "exponential"), ("order",)),
-    # DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=2)
-    "dpmpp_2m": SamplerSpec(sample_dpmpp_2m, "dpm_solver", ("discrete", "karras")),
-    # DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++", solver_order=2) (eta = 1)
-    "dpmpp_2m_sde": SamplerSpec(sample_dpmpp_2m_sde, "dpm_solver", ("discrete", "karras"), ("eta",)),
-    # DPMSolverSDEScheduler (eta = 1; its timesteps and Karras range follow EulerDiscrete's)
-    "dpmpp_sde": SamplerSpec(
-        sample_dpmpp_sde, "euler", ("discrete", "karras", "exponential"), ("eta", "s_noise", "r", "noise_sampler")
-    ),
+    "ddim": SamplerSpec(sample_ddim, "ddim", ("discrete",), ("eta",), "DDIMScheduler (step's eta)", "DDIM",
+                        "DDIM (Song et al. 2021): deterministic at eta 0, DDPM-like at eta 1"),
+    "euler": SamplerSpec(sample_euler, "euler", ("discrete", "karras", "exponential"), (),
+                         "EulerDiscreteScheduler", "Euler", "Euler's method on the probability-flow ODE"),
+    "euler_a": SamplerSpec(sample_euler_ancestral, "euler", ("discrete",), ("eta",),
+                           "EulerAncestralDiscreteScheduler", "Euler a", "Euler, fresh noise each step (ancestral)"),
+    "heun": SamplerSpec(sample_heun, "euler", ("discrete", "karras", "exponential"), (),
+                        "HeunDiscreteScheduler", "Heun", "Heun's 2nd-order method (Karras et al. 2022, Alg. 1)"),
+    "lms": SamplerSpec(sample_lms, "euler", ("discrete", "karras", "exponential"), ("order",),
+                       "LMSDiscreteScheduler", "LMS", "linear multistep, order 4 (Karras et al. 2022)"),
+    "dpmpp_2m": SamplerSpec(sample_dpmpp_2m, "dpm_solver", ("discrete", "karras"), (),
+                            'DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=2)', "DPM++ 2M",
+                            "DPM-Solver++(2M), 2nd-order multistep (Lu et al. 2022)"),
+    "dpmpp_2m_sde": SamplerSpec(sample_dpmpp_2m_sde, "dpm_solver", ("discrete", "karras"), ("eta",),
+                                'DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++", solver_order=2)',
+                                "DPM++ 2M SDE", "DPM-Solver++(2M) with SDE noise (eta 1)"),
+    # its timesteps and Karras range follow EulerDiscrete's
+    "dpmpp_sde": SamplerSpec(sample_dpmpp_sde, "euler", ("discrete", "karras", "exponential"),
+                             ("eta", "s_noise", "r", "noise_sampler"), "DPMSolverSDEScheduler", "DPM++ SDE",
+                             "DPM-Solver++ SDE, 2 model calls per step, Brownian-tree noise"),
+}
+# The sigma schedules a sampler name may end with: (diffusers' scheduler option, A1111's "Schedule type", about).
+# A1111's "Uniform" is the model's own discrete sigmas, as minisd's "discrete" (spaced by `timestep_spacing`).
+SIGMA_SCHEDULES: dict[str, tuple[str, str, str]] = {
+    "discrete": ("(default)", "Uniform", "the training schedule's own noise levels, spaced by --spacing"),
+    "karras": ("use_karras_sigmas=True", "Karras", "Karras et al. 2022's rho=7 spacing of noise levels"),
+    "exponential": ("use_exponential_sigmas=True", "Exponential", "noise levels evenly spaced in log sigma"),
 }
 SAMPLER_NAMES = tuple(
     base if kind == "discrete" else f"{base}_{kind}" for base, spec in SAMPLERS.items() for kind in spec.sigma_schedules
@@ -513,6 +525,11 @@ class SamplerPlan:
     ) -> torch.Tensor:
         """The sampler over `sigmas`, with the plan's options."""
         return self.sampler(denoiser, x, sigmas, generator=generator, callback=callback, **self.options)
+
+
+def sampler_parts(name: str) -> tuple[str, str]:
+    """(base sampler, sigma schedule) of a sampler name: "dpmpp_2m_karras" -> ("dpmpp_2m", "karras")."""
+    return _split_name(name)
 
 
 def _split_name(name: str) -> tuple[str, str]:

@@ -351,6 +351,36 @@ _WEIGHT_BASENAMES = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorc
                      "text_encoder": "model", "text_encoder_2": "model"}  # fmt: skip
 
 
+def component_tensors(root: Path, comp: Path, base: str, variant: str | None, allow_pickle: bool) -> _Tensors:
+    """The tensors of one diffusers component folder `comp` (inside `root`): `{base}.safetensors`, a
+    variant (`*.fp16.safetensors`), shards (`*.safetensors.index.json`), or a trusted `{base}.bin`."""
+    names = [f"{base}.{variant}.safetensors"] if variant else [f"{base}.safetensors", f"{base}.fp16.safetensors"]
+    for name in names:
+        if (comp / name).exists():
+            return _safetensors_tensors([read_safetensors_header(check_inside(comp / name, root))])
+        index = comp / f"{name}.index.json"
+        if index.exists():
+            shards = [check_inside(comp / s, root) for s in _shards(index, root)]
+            return _safetensors_tensors([read_safetensors_header(s) for s in shards])
+    if (comp / f"{base}.bin").exists():
+        if not allow_pickle:
+            refuse_pickle(comp / f"{base}.bin")
+        return _pickle_tensors(check_inside(comp / f"{base}.bin", root))
+    for_variant = f" for variant {variant!r}" if variant else ""
+    raise CheckpointError(f"{comp}: no weights file ({' or '.join(names)}){for_variant}")
+
+
+def _shards(index: Path, root: Path) -> list[str]:
+    """The shard file names a `*.safetensors.index.json` lists (its `weight_map`: tensor -> file)."""
+    weight_map = json_field(read_json(index, folder=root), "weight_map", index, "object")
+    if not weight_map:
+        raise CheckpointError(f"{index}: field 'weight_map' is empty; it must list the shards")
+    bad = next((v for v in weight_map.values() if not isinstance(v, str)), None)
+    if bad is not None:
+        raise CheckpointError(f"{index}: field 'weight_map' must map tensor names to file names, got {bad!r}"[:200])
+    return sorted(set(weight_map.values()))
+
+
 class DiffusersFolder:
     """A diffusers pipeline folder: one sub-folder per component, each with its config.json.
     Every file it opens must resolve inside the folder (`detection.check_inside`)."""
@@ -359,36 +389,10 @@ class DiffusersFolder:
         self.path = folder
         self.detected = detect_diffusers(folder)
         subs = ("unet", "vae", *(t.diffusers_folder for t in self.detected.family.text))
-        self.tensors = {sub: self._tensors(sub, variant, allow_pickle) for sub in subs}
+        self.tensors = {
+            sub: component_tensors(folder, folder / sub, _WEIGHT_BASENAMES[sub], variant, allow_pickle) for sub in subs
+        }
         self.text_time = False  # the U-Net's config.json says (`architecture`)
-
-    def _tensors(self, sub: str, variant: str | None, allow_pickle: bool) -> _Tensors:
-        """The tensors of one component: plain, a variant (`*.fp16.safetensors`), shards, or a trusted `.bin`."""
-        comp, base = self.path / sub, _WEIGHT_BASENAMES[sub]
-        names = [f"{base}.{variant}.safetensors"] if variant else [f"{base}.safetensors", f"{base}.fp16.safetensors"]
-        for name in names:
-            if (comp / name).exists():
-                return _safetensors_tensors([read_safetensors_header(check_inside(comp / name, self.path))])
-            index = comp / f"{name}.index.json"
-            if index.exists():
-                shards = [check_inside(comp / s, self.path) for s in self._shards(index)]
-                return _safetensors_tensors([read_safetensors_header(s) for s in shards])
-        if (comp / f"{base}.bin").exists():
-            if not allow_pickle:
-                refuse_pickle(comp / f"{base}.bin")
-            return _pickle_tensors(check_inside(comp / f"{base}.bin", self.path))
-        for_variant = f" for variant {variant!r}" if variant else ""
-        raise CheckpointError(f"{comp}: no weights file ({' or '.join(names)}){for_variant}")
-
-    def _shards(self, index: Path) -> list[str]:
-        """The shard file names a `*.safetensors.index.json` lists (its `weight_map`: tensor -> file)."""
-        weight_map = json_field(read_json(index, folder=self.path), "weight_map", index, "object")
-        if not weight_map:
-            raise CheckpointError(f"{index}: field 'weight_map' is empty; it must list the shards")
-        bad = next((v for v in weight_map.values() if not isinstance(v, str)), None)
-        if bad is not None:
-            raise CheckpointError(f"{index}: field 'weight_map' must map tensor names to file names, got {bad!r}"[:200])
-        return sorted(set(weight_map.values()))
 
     def architecture(self, family: Family) -> Family:
         """The folder's config.json files (a projected text encoder is told by its weights)."""

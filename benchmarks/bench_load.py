@@ -333,6 +333,13 @@ def main() -> None:
                f"{(peak - last['rss_import']) / size:.2f}" if peak else "n/a",
                f"{gib(last['param_bytes'])} {'/'.join(d.removeprefix('torch.') for d in last['dtypes'])}"]
         print("| " + " | ".join(row) + " |")
+    if "diffusers" in runs:  # the targets: load and import + load <= 0.5x, RSS <= 1.15x the file
+        ref = runs["diffusers"]
+        for side in [s for s in sides if s != "diffusers"]:
+            rs = runs[side]
+            load = med([x["load_s"] for x in rs]) / med([x["load_s"] for x in ref])
+            both = med([x["import_s"] + x["load_s"] for x in rs]) / med([x["import_s"] + x["load_s"] for x in ref])
+            print(f"\n{side} / diffusers: load call {load:.2f}x, import + load {both:.2f}x")
     # Fingerprint check: each side's parameter sums against the file's own. fp32 sums of the same
     # values grouped differently (fused vs separate q/k/v) agree to ~1e-6 relative.
     expected = file_sums(args.path)

@@ -67,7 +67,9 @@ def cast(sd: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Ten
 class Spec:
     """One component at one size: how to build both sides and feed them."""
 
-    kind: str  # "unet", "vae" (decode), "vae-encode", "clip"
+    # "unet", "vae" (decode), "vae-encode", "clip" (SD1: last hidden state), "clip-sdxl" (as SDXL reads
+    # its encoders: CLIP-L's penultimate hidden state; bigG's penultimate hidden state and pooled output)
+    kind: str
     config: Any  # UNetConfig, VAEConfig or TextConfig
     label: str
 
@@ -110,7 +112,7 @@ def _table(kind: str, config: Any):
         return unet_table(config)
     if kind.startswith("vae"):
         return vae_table(config)
-    return hf_table(config)
+    return hf_table(config)  # CLIP kinds
 
 
 def build_theirs(spec: Spec, ours_sd: dict[str, torch.Tensor], device: str | torch.device) -> nn.Module:
@@ -128,13 +130,15 @@ def build_theirs(spec: Spec, ours_sd: dict[str, torch.Tensor], device: str | tor
         with torch.device("meta"):
             model = AutoencoderKL(**dict(vae_diffusers_config(spec.config)))
     else:
-        from transformers import CLIPTextModel
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
         sd = _table(spec.kind, spec.config).to_theirs(ours_sd)
-        # Built for real (123M parameters, cheap): its `position_ids` buffer is not in the
-        # state dict, so a meta-built model would keep it on the meta device.
+        # Built for real (123M / 695M parameters, cheap enough): its `position_ids` buffer is not in the
+        # state dict, so a meta-built model would keep it on the meta device. A projected encoder (bigG) is
+        # diffusers' SDXL text_encoder_2, `CLIPTextModelWithProjection`.
+        cls = CLIPTextModelWithProjection if spec.config.projection_dim else CLIPTextModel
         with torch.device(device):
-            model = CLIPTextModel(hf_clip_config(spec.config))
+            model = cls(hf_clip_config(spec.config))
         if not hasattr(model, "text_model"):  # transformers >= 5.6 flattened CLIPTextModel
             sd = {k.removeprefix("text_model."): v for k, v in sd.items()}
     model.load_state_dict(sd, strict=True, assign=True)
@@ -142,6 +146,76 @@ def build_theirs(spec: Spec, ours_sd: dict[str, torch.Tensor], device: str | tor
     if on_meta:
         raise RuntimeError(f"{spec.label}: reference tensors left on meta: {on_meta[:5]}")
     return model.eval()
+
+
+# --------------------------------------------------------------------------- optimisations
+# What `--minisd-opts` / `--ref-opts` can switch on, each measured against the plain model in the same run.
+OPTS = ("fused", "channels_last", "compile")
+
+
+def parse_variants(text: str) -> list[tuple[str, ...]]:
+    """"fused;fused,channels_last" -> [("fused",), ("fused", "channels_last")]: one extra side per variant."""
+    variants = []
+    for part in text.split(";"):
+        opts = tuple(o.strip() for o in part.split(",") if o.strip())
+        unknown = [o for o in opts if o not in OPTS]
+        if unknown:
+            raise ValueError(f"unknown optimisation(s) {unknown}; expected some of {list(OPTS)}")
+        if opts:
+            variants.append(opts)
+    return variants
+
+
+def _speed_function(name: str):
+    """`minisd.speed.<name>` if that module (being written alongside these benchmarks) has it, else None."""
+    try:
+        from minisd import speed
+    except ImportError:
+        return None
+    return getattr(speed, name, None)
+
+
+def apply_minisd_opts(model: nn.Module, opts: tuple[str, ...]) -> tuple[nn.Module, list[str]]:
+    """`model` with minisd's optimisations `opts` applied, and a note for each one not available (skipped).
+
+    Looked up by name, so this runs before and after they land: `minisd.speed.fuse_projections(module)`
+    (or a `fuse_projections()` method), `minisd.speed.channels_last(module)` (else the plain
+    `module.to(memory_format=torch.channels_last)`), `minisd.speed.compile_module(module)` (else
+    `torch.compile(module, fullgraph=True)`)."""
+    skipped = []
+    for opt in opts:
+        if opt == "fused":
+            fn = _speed_function("fuse_projections") or getattr(model, "fuse_projections", None)
+            if fn is None:
+                skipped.append("fused (no minisd.speed.fuse_projections yet)")
+            elif fn is getattr(model, "fuse_projections", None):
+                fn()
+            else:
+                model = fn(model) or model
+        elif opt == "channels_last":
+            fn = _speed_function("channels_last")
+            model = (fn(model) or model) if fn else model.to(memory_format=torch.channels_last)
+        elif opt == "compile":
+            fn = _speed_function("compile_module")
+            model = fn(model) if fn else torch.compile(model, fullgraph=True)
+    return model, skipped
+
+
+def apply_ref_opts(model: nn.Module, opts: tuple[str, ...]) -> tuple[nn.Module, list[str]]:
+    """The reference's own versions: diffusers' `fuse_qkv_projections()` (U-Net, VAE), channels_last,
+    `torch.compile(model)` (diffusers' documented recipe, without fullgraph)."""
+    skipped = []
+    for opt in opts:
+        if opt == "fused":
+            if hasattr(model, "fuse_qkv_projections"):
+                model.fuse_qkv_projections()
+            else:
+                skipped.append(f"fused (no fuse_qkv_projections on {type(model).__name__})")
+        elif opt == "channels_last":
+            model = model.to(memory_format=torch.channels_last)
+        elif opt == "compile":
+            model = torch.compile(model)
+    return model, skipped
 
 
 def param_bytes(model: nn.Module) -> int:
@@ -197,7 +271,17 @@ def call_ours(spec: Spec, model: nn.Module) -> Callable[[dict], torch.Tensor]:
         return lambda i: model.decode(i["z"])
     if spec.kind == "vae-encode":
         return lambda i: model.encode(i["images"]).mean
+    if spec.kind == "clip-sdxl":
+        if spec.config.projection_dim is None:  # CLIP-L: only the blocks up to the penultimate one run
+            return lambda i: model(i["ids"], num_layers=spec.config.layers - 1).hidden_states[-1]
+        return lambda i: _penultimate_and_pooled(model(i["ids"]))
     return lambda i: model(i["ids"]).last_hidden_state
+
+
+def _penultimate_and_pooled(out) -> torch.Tensor:
+    """bigG as SDXL reads it: the penultimate hidden state (compared) and the pooled output (computed)."""
+    assert out.pooled is not None
+    return out.hidden_states[-2]
 
 
 def call_theirs(spec: Spec, model: nn.Module) -> Callable[[dict], torch.Tensor]:
@@ -209,6 +293,10 @@ def call_theirs(spec: Spec, model: nn.Module) -> Callable[[dict], torch.Tensor]:
         return lambda i: model.decode(i["z"]).sample
     if spec.kind == "vae-encode":
         return lambda i: model.encode(i["images"]).latent_dist.mean
+    if spec.kind == "clip-sdxl":
+        # diffusers' StableDiffusionXLPipeline.encode_prompt: every layer runs (output_hidden_states=True),
+        # then hidden_states[-2] is read (and text_embeds, the pooled output, of text_encoder_2).
+        return lambda i: model(input_ids=i["ids"], output_hidden_states=True).hidden_states[-2]
     return lambda i: model(input_ids=i["ids"]).last_hidden_state
 
 

@@ -554,7 +554,11 @@ def _no_data_reads(monkeypatch):
         def get_tensor(self, key):
             raise AssertionError(f"tensor data read ({key})")
 
-    monkeypatch.setattr(sources, "safe_open", Handle)
+    def read(f, offset, info, path):
+        raise AssertionError(f"tensor data read ({path} at byte {offset})")
+
+    monkeypatch.setattr(sources, "safe_open", Handle)  # the memory-mapped readers
+    monkeypatch.setattr(sources, "_read_copy", read)  # the positioned reads of the default copy
 
 
 _Q = "cond_stage_model.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight"  # (32, 32)

@@ -329,8 +329,9 @@ def test_two_gloo_ranks_equal_one_process(tmp_path):
     Same items, noise, timesteps and dropout (`Draws`); only the gradient's summation order differs (DDP
     sums two half-batch means then halves). AdamW's first step is lr * g / (|g| + eps), so a relative
     round-off of ~1e-7 in g moves a weight by ~1e-7 * lr unless |g| ~ eps: 1e-3 * lr bounds it."""
-    # fork, not spawn: the workers inherit the imported modules (a spawned one re-imports torch, ~5 s)
-    mp.start_processes(_ddp_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, start_method="fork")
+    # spawn, not fork: a forked child cannot run autograd once the parent's autograd engine has started its
+    # threads (earlier tests in the same session, e.g. torch.compile's, do); a spawned one re-imports torch (~5 s)
+    mp.start_processes(_ddp_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, start_method="spawn")
     ddp = torch.load(tmp_path / "unet.pt", weights_only=True)
     single = tiny_sd1()
     train(single, Pictures(), quick(steps=1, batch_size=4, ema_decay=None), tmp_path / "single")

@@ -94,6 +94,7 @@ from .sources import (
     check_tensors,
     match_keys,
 )
+from .speed import projections_fused
 from .tokenizer import EOT_TOKEN_ID, CLIPTokenizer
 from .unet import UNetModel
 from .vae import AutoencoderKL
@@ -353,6 +354,9 @@ def save(model: Components, path: str | Path, format: str = "official", *, overw
     path = Path(path)
     if format not in ("official", "diffusers"):
         raise ValueError(f"save: format must be 'official' or 'diffusers', got {format!r}")
+    if projections_fused(model.unet) or projections_fused(model.vae):  # the layouts name the separate layers
+        raise ValueError("save: the attention projections are fused (sd.fuse_projections()); call "
+                         "sd.unfuse_projections() first (it restores the official layers exactly), then save")
     check_destination(path, overwrite=overwrite, folder=format == "diffusers")
     if format == "official" and path.suffix != ".safetensors":
         raise ValueError(f"save: an official single file must end in .safetensors, got {path.name}")

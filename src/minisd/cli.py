@@ -48,6 +48,7 @@ from .detection import (
     read_safetensors_header,
     sha256,
 )
+from .explain import add_parser as _add_explain
 from .families import UNET_PREFIX, VAE_PREFIX, family_spec
 from .files import atomic_write, check_destination, check_source
 from .keymap import CheckpointError
@@ -374,7 +375,8 @@ def _add_train(sub) -> None:
 
 # one function per subcommand: a new command is a new `_add_*` here and its `_cmd_*`
 COMMANDS = (
-    _add_info, _add_generate, _add_samplers, _add_parity, _add_eval_shapes, _add_convert, _add_demo, _add_train
+    _add_info, _add_generate, _add_samplers, _add_explain, _add_parity, _add_eval_shapes, _add_convert, _add_demo,
+    _add_train,
 )
 
 

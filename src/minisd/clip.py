@@ -253,22 +253,31 @@ class TextTransformer(nn.Module):
             token_embeds = self.token_embedding(input_ids)
         elif token_embeds.shape != (*input_ids.shape, cfg.width):
             raise ValueError(f"token_embeds must be {(*input_ids.shape, cfg.width)}, got {tuple(token_embeds.shape)}")
+        eot = None
+        if n == cfg.layers:
+            eot = self._eot_index(input_ids) if eot_index is None else self._check_eot(eot_index, input_ids)
+        return TextOutput(*self._encode(token_embeds, eot, n))
+
+    def _encode(
+        self, token_embeds: torch.Tensor, eot: torch.Tensor | None, n: int
+    ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor | None, torch.Tensor | None]:
+        """The computation of `forward` on checked inputs (no data-dependent branch, so
+        `minisd.speed.compile_module` compiles it whole): (hidden_states, last, pooled)."""
         # Token plus learned absolute position embeddings, (B, L, width).
-        x = token_embeds + self.positional_embedding[: input_ids.shape[1]]
+        x = token_embeds + self.positional_embedding[: token_embeds.shape[1]]
         hidden_states = [x]
         for block in self.transformer.resblocks[:n]:
             x = block(x)
             hidden_states.append(x)
-        if n < cfg.layers:
-            return TextOutput(tuple(hidden_states), None, None)
+        if eot is None:
+            return tuple(hidden_states), None, None
 
         # Final LayerNorm, then the sequence is summarised by the EOT token's state (CLIP sec. 2.4).
         last = self.ln_final(x)
-        eot = self._eot_index(input_ids) if eot_index is None else self._check_eot(eot_index, input_ids)
         pooled = last[torch.arange(last.shape[0], device=last.device), eot]  # (B, width)
         if self.text_projection is not None:
             pooled = pooled @ self.text_projection  # (B, projection_dim)
-        return TextOutput(tuple(hidden_states), last, pooled)
+        return tuple(hidden_states), last, pooled
 
     def _check_ids(self, input_ids: torch.Tensor) -> None:
         cfg, shape = self.config, tuple(input_ids.shape)

@@ -186,6 +186,8 @@ class SafetensorsHeader:
     path: Path
     tensors: dict[str, TensorInfo]
     metadata: dict[str, str]
+    # where each tensor's bytes begin in the file (8 + header length + data_offsets[0]), for plain reads
+    offsets: dict[str, int] = field(default_factory=dict)
 
 
 def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
@@ -241,7 +243,7 @@ def read_safetensors_header(path: str | Path) -> SafetensorsHeader:
         tensors[key] = info
         spans.append((begin, end, key))
     _check_data_layout(path, spans, size - 8 - n)
-    return SafetensorsHeader(path, tensors, dict(metadata))
+    return SafetensorsHeader(path, tensors, dict(metadata), {key: 8 + n + begin for begin, _, key in spans})
 
 
 def _header_entry(path: Path, key: str, entry: object) -> tuple[TensorInfo, int, int]:
@@ -509,11 +511,17 @@ def _prediction_from_metadata(metadata: dict[str, str]) -> tuple[str | None, str
 # The probe's bands (see `probe_prediction_type`). The exact slopes at t=999 are 0.96..1.0024 for
 # epsilon and -0.53..+0.07 for v (data std s <= 3); the probe is unsure in (0.4, 0.6), about the middle
 # fifth of the gap between them (midpoint 0.52), where a model has learned neither. The trained
-# tiny fixtures, probed at 4x their training size, sit at 1.04 and 0.17 with residuals 0.11 and 0.13;
-# random weights at residual 0.29 (full-size SD2, PyTorch's init) and up (tests/fixtures/README.md).
+# tiny fixtures sit at 0.98 and 0.09 with residuals 0.09 and 0.07 at `PROBE_SIZE` (1.04 and 0.17, 0.11 and
+# 0.13 at 4x it); random weights at residual 0.26 (full-size SD2, PyTorch's init) and up (tests/fixtures/README.md).
 PROBE_EPSILON_SLOPES = (0.6, 1.25)
 PROBE_V_SLOPES = (-0.75, 0.4)
 PROBE_MAX_RESIDUAL = 0.2  # above it the output is not an affine function of the noise: no objective learned
+# The probe's latent side: the smallest that decides with a margin. At 8 the fixtures sit furthest inside
+# their bands (slopes 0.983 and 0.088, residuals 0.09 and 0.07) and random weights stay unsure (residual
+# 0.26 .. 0.43); at 4, 39 -> 12 high-frequency modes per channel, one random U-Net in three already reads
+# as v (residual 0.19). A1111 probes real SD2 files at 8 x 8 too. It costs one pass over the weights
+# (tests/fixtures/README.md has the numbers); a U-Net with more than 4 levels gets its downsampling factor.
+PROBE_SIZE = 8
 
 
 @dataclass(frozen=True)
@@ -535,8 +543,9 @@ class ProbeResult:
 
 
 @torch.no_grad()
-def probe_prediction_type(unet: UNetModel, *, size: int = 32) -> ProbeResult:
-    """Tell an SD2 epsilon model from a v model by one U-Net call at t = 999 (a batch of two noise draws).
+def probe_prediction_type(unet: UNetModel, *, size: int | None = None) -> ProbeResult:
+    """Tell an SD2 epsilon model from a v model by one U-Net call at t = 999 (a batch of two noise draws of
+    `size` x `size` latents, default `PROBE_SIZE`), in the U-Net's own dtype and on its own device.
 
     At the last training step alphabar = 0.0047, so x_t = sqrt(alphabar) x_0 + sqrt(1 - alphabar) eps
     is 99.8 % noise. An epsilon-model must hand (nearly) its input back: for data of standard
@@ -569,6 +578,8 @@ def probe_prediction_type(unet: UNetModel, *, size: int = 32) -> ProbeResult:
     """
     p = next(unet.parameters())
     cfg = unet.config
+    # a U-Net deeper than SD's 4 levels needs a side of its downsampling factor (duck-typed test doubles lack it)
+    size = size or max(PROBE_SIZE, getattr(cfg, "downsample_factor", 1))
     g = torch.Generator("cpu").manual_seed(0)
     x = torch.randn(2, cfg.in_channels, size, size, generator=g).to(p.device)
     context = torch.zeros(2, 77, cfg.context_dim, device=p.device, dtype=p.dtype)

@@ -28,6 +28,8 @@ import PIL.Image
 import torch
 
 from . import lora as _lora
+from . import offload as _offload
+from . import speed as _speed
 from .checkpoint import Components, load_components
 from .conditioning import Conditioning, MicroConditioning, encode_prompt
 from .embeddings import Embeddings, check_token, read_embedding, vectors_for_model
@@ -158,6 +160,11 @@ class StableDiffusion(Components):
     loras: _lora.LoraSet = field(default_factory=_lora.LoraSet, repr=False, compare=False)
     # Textual-inversion embeddings whose tokens prompts may use (see `load_embedding`, `minisd.embeddings`).
     embeddings: Embeddings = field(default_factory=Embeddings, repr=False, compare=False)
+    # The offload in force (`enable_model_offload` / `enable_sequential_offload`), or None.
+    offload: _offload.ModelOffload | _offload.SequentialOffload | None = field(default=None, repr=False, compare=False)
+    # VAE tiling: None tiles a decode when it would not fit in the device's free memory (never on the CPU);
+    # an int is that budget in bytes (also on the CPU); True always tiles, False never (`decode`, `minisd.offload`).
+    vae_tiling: bool | int | None = field(default=None, repr=False, compare=False)
 
     @property
     def scale_factor(self) -> float:
@@ -166,7 +173,42 @@ class StableDiffusion(Components):
 
     @property
     def device(self) -> torch.device:
-        return next(self.unet.parameters()).device
+        """Where the pipelines run: the U-Net's device, or under an offload the accelerator it runs on."""
+        return self.offload.device if self.offload is not None else next(self.unet.parameters()).device
+
+    # ------------------------------------------------------------------ memory (minisd.offload)
+    def enable_model_offload(self, device: str | torch.device = "cuda") -> None:
+        """Keep the components on the CPU and move each to `device` only while it runs (diffusers'
+        `enable_model_cpu_offload`). Call it after `load_vae` / LoRA loading; `disable_offload` undoes it."""
+        self._set_offload(_offload.ModelOffload, device)
+
+    def enable_sequential_offload(self, device: str | torch.device = "cuda") -> None:
+        """For very small accelerators: each layer's weights go to `device` for its forward only (slow)."""
+        self._set_offload(_offload.SequentialOffload, device)
+
+    def disable_offload(self) -> None:
+        """Remove the offload hooks; the weights stay on the CPU (`.to(device)` them as you wish)."""
+        if self.offload is not None:
+            self.offload.remove()
+            self.offload = None
+
+    @property
+    def _vae_device(self) -> torch.device:
+        return self.offload.device if self.offload is not None else next(self.vae.parameters()).device
+
+    def _decode_tile(self, latents: torch.Tensor) -> int | None:
+        """The tile size (latent pixels) for this decode, or None to decode whole (see `vae_tiling`)."""
+        if isinstance(self.vae_tiling, bool):
+            return 64 if self.vae_tiling else None  # vae.decode_tiled's default tile
+        budget = self.vae_tiling if self.vae_tiling is not None else _offload.free_memory(latents.device)
+        if budget is None or not _offload.should_tile(self.vae.config, latents, self.vae.dtype, budget):
+            return None
+        return _offload.tile_size_for(self.vae.config, latents, self.vae.dtype, budget)
+
+    def _set_offload(self, kind: type, device: str | torch.device) -> None:
+        self.disable_offload()
+        home = torch.device("cpu")
+        self.offload = kind([self.unet, self.vae, *self.text_encoders], torch.device(device), home)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -182,6 +224,7 @@ class StableDiffusion(Components):
                   allow_pickle: bool = False) -> str:  # fmt: skip
         """Apply a kohya / A1111, diffusers / PEFT, LoHa or LoKr file with `scale`; returns its name
         (default: the file's stem), used by `set_lora_scale` and `unload_lora`."""
+        _speed.check_unfused(self, "load_lora")
         return _lora.load_lora(self, path, scale, name, allow_pickle=allow_pickle)
 
     def set_lora_scale(self, name: str, scale: float) -> None:
@@ -199,6 +242,23 @@ class StableDiffusion(Components):
     def unfuse_lora(self) -> None:
         """Restore the original weights and apply the adapters in the forward again."""
         _lora.unfuse_lora(self)
+
+    # ------------------------------------------------------------------ speed (minisd.speed, docs/performance.md)
+    def fuse_projections(self) -> None:
+        """One GEMM for each attention's q/k/v (self-attention) or k/v (cross-attention) in the U-Net and
+        the VAE; `unfuse_projections` restores the official layers bit for bit. Refused while LoRAs are loaded."""
+        _speed.fuse_model(self)
+
+    def unfuse_projections(self) -> None:
+        """The official separate to_q / to_k / to_v (and VAE q / k / v) layers again, bit-identical."""
+        _speed.unfuse_model(self)
+
+    def compile(
+        self, *, mode: str | None = None, fullgraph: bool = True, dynamic: bool | None = None
+    ) -> StableDiffusion:
+        """`torch.compile` the U-Net, the VAE decoder and the text encoders in place (`speed.compile_model`);
+        returns self. `mode="reduce-overhead"` adds CUDA graphs on a GPU."""
+        return _speed.compile_model(self, mode=mode, fullgraph=fullgraph, dynamic=dynamic)
 
     def load_vae(
         self,
@@ -262,7 +322,7 @@ class StableDiffusion(Components):
         """Images `(B, 3, H, W)` in [0, 1] -> scaled latents: a posterior sample (drawn from
         `generator`, diffusers' `retrieve_latents(sample_mode="sample")`) times `scale_factor`. fp32.
         A non-finite result raises `NonFiniteError` ("VAE encoder")."""
-        vae_device = next(self.vae.parameters()).device
+        vae_device = self._vae_device
         posterior = self.vae.encode((2.0 * images - 1.0).to(vae_device))  # [0, 1] -> [-1, 1]
         return check_finite((posterior.sample(generator) * self.scale_factor).float(), "VAE encoder")
 
@@ -272,8 +332,9 @@ class StableDiffusion(Components):
         The VAE runs in its own dtype (keep it fp32: the SDXL VAE overflows in fp16). A non-finite
         output raises `NonFiniteError` ("VAE decoder") instead of a black or white image."""
         _check_choice("output", output, ("pil", "tensor"))
-        vae_device = next(self.vae.parameters()).device
-        decoded = self.vae.decode(check_tensor("latents", latents).to(vae_device) / self.scale_factor)
+        latents = check_tensor("latents", latents).to(self._vae_device) / self.scale_factor
+        tile = self._decode_tile(latents)
+        decoded = self.vae.decode(latents) if tile is None else self.vae.decode_tiled(latents, tile_size=tile)
         images = to_unit_range(check_finite(decoded, "VAE decoder"))  # clamping would hide inf (white), NaN -> black
         return tensor_to_pil(images) if output == "pil" else images
 

@@ -495,10 +495,9 @@ def keep_known(
     unchanged, as diffusers' first model call does."""
 
     def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        s = float(sigma[0])
-        if s < sigma_start:
-            x = mask * x + (1 - mask) * (known + s * noise)
-        return model(x, sigma)
+        # Chosen on the device (torch.where), not by reading sigma back: no host sync per step.
+        s = sigma[0]
+        return model(torch.where(s < sigma_start, mask * x + (1 - mask) * (known + s * noise), x), sigma)
 
     return denoise
 
@@ -527,12 +526,18 @@ def sample(plan: SamplerPlan, model: Denoiser, x: torch.Tensor, sigmas: torch.Te
            callback: Callback | None = None) -> Sampled:  # fmt: skip
     """Step 4: run the sampler over `sigmas` and return the DDPM (VP) latent at the last one. A callback
     that returns False stops the run; the result is then that step's clean estimate, marked stopped.
-    Each step's clean estimate is checked finite (`NonFiniteError` naming the U-Net and the step)."""
+    Each step's clean estimate is checked finite (`NonFiniteError` naming the U-Net and the step): before
+    the callback sees it, or, without a callback, on the device, read once after the loop (reading a
+    value back at every step would make the host wait for the GPU at every step)."""
     steps = sigmas.numel() - 1
+    finite: list[torch.Tensor] = []  # per step, without a callback: a 0-d bool on the device
 
     def on_step(info: dict) -> None:
+        if callback is None:
+            finite.append(torch.isfinite(info["denoised"]).all())
+            return
         check_finite(info["denoised"], "U-Net", step=info["i"], steps=steps, sigma=info["sigma"])
-        if callback is not None and callback(info) is False:
+        if callback(info) is False:
             raise _Stopped(info["i"], info["denoised"])
 
     try:
@@ -540,6 +545,9 @@ def sample(plan: SamplerPlan, model: Denoiser, x: torch.Tensor, sigmas: torch.Te
     except _Stopped as stop:
         logger.info("minisd.pipeline: %s", stop)
         return Sampled(stop.denoised, stopped_at=stop.step)  # a clean estimate: sigma 0, where VE = VP
+    if finite and not bool(torch.stack(finite).all()):  # the one read-back: name the first bad step
+        step = int(torch.stack(finite).logical_not().nonzero()[0])
+        raise NonFiniteError("U-Net", step=step, steps=steps, sigma=float(sigmas[step]))
     # the callback sees each step's first model call; a later one (Heun, DPM2) shows only in the result
     check_finite(x, "U-Net", step=steps - 1, steps=steps, sigma=float(sigmas[-2]))
     return Sampled(to_variance_preserving(x, float(sigmas[-1])))

@@ -29,7 +29,7 @@ the table maps back to exactly its integer timestep; the results are fp32.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -116,6 +116,7 @@ class DiscreteSchedule:
     """
 
     sigmas: torch.Tensor  # (T,) fp32, on the CPU
+    _device_cache: dict = field(default_factory=dict, init=False, repr=False)  # device -> log sigmas (float64)
 
     @classmethod
     def from_alphas_cumprod(cls, alphas_cumprod: torch.Tensor) -> DiscreteSchedule:
@@ -168,8 +169,11 @@ class DiscreteSchedule:
         interpolated t (DPMSolverMultistep with Karras sigmas). Returns fp32 on
         sigma's device.
         """
-        log_sigmas = self.sigmas.double().log()  # (T,)
-        log_sigma = sigma.detach().to("cpu", torch.float64).reshape(-1).log()  # (N,)
+        # In float64 on sigma's own device (the CPU where the device has no float64, e.g. MPS): no
+        # device-to-host copy, so a sampling loop on a GPU never waits here for the GPU to catch up.
+        device = sigma.device if sigma.device.type != "mps" else torch.device("cpu")
+        log_sigmas = self._log_sigmas(device)  # (T,)
+        log_sigma = sigma.detach().to(device, torch.float64).reshape(-1).log()  # (N,)
         dists = log_sigma - log_sigmas[:, None]  # (T, N)
         if quantize:
             t = dists.abs().argmin(dim=0).double()
@@ -181,6 +185,13 @@ class DiscreteSchedule:
             w = ((low - log_sigma) / (low - high)).clamp(0, 1)
             t = (1 - w) * low_idx + w * high_idx
         return t.reshape(sigma.shape).to(device=sigma.device, dtype=torch.float32)
+
+    def _log_sigmas(self, device: torch.device) -> torch.Tensor:
+        """log sigma_t in float64 on `device`, copied there once (a host-to-device copy waits for the
+        device's queue, so it must not happen at every step)."""
+        if device not in self._device_cache:
+            self._device_cache[device] = self.sigmas.double().log().to(device)
+        return self._device_cache[device]
 
     def t_to_sigma(self, t: torch.Tensor) -> torch.Tensor:
         """sigma at (fractional) timesteps: k-diffusion's `t_to_sigma` (log-sigma lerp), fp32."""

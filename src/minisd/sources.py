@@ -54,7 +54,7 @@ from .families import (
     Family,
     TextEncoderSpec,
 )
-from .keymap import TRANSFORMS, CheckpointError, KeyTable
+from .keymap import CheckpointError, KeyTable
 from .layouts import (
     OFFICIAL_EXTRAS,
     Size,
@@ -75,35 +75,60 @@ Reader = Callable[[], torch.Tensor]  # reads one tensor from the file when calle
 
 
 # ------------------------------------------------------------------------------ reading tensors
+# torch's dtype for each safetensors dtype name (the header's `TensorInfo.dtype`)
+_TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                 "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64,
+                 "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+                 "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64}  # fmt: skip
+
+
 @dataclass
 class _Tensors:
-    """The tensors of one file (or set of shards): the header's word on each, and a reader per tensor
-    (nothing is read until a reader is called). `mapped`: the readers return views of the file's
-    memory map (safetensors), which loading copies out unless the caller asked for `mmap=True`."""
+    """The tensors of one file (or set of shards): the header's word on each, and readers (nothing
+    is read until a reader is called).
+
+    `readers` return each tensor as the source holds it: a view of the file's memory map
+    (safetensors: `mapped`), or the tensor itself (a pickle, already in memory). `copies` (mapped
+    sources only) read a tensor into fresh memory of its own with plain positioned reads
+    (`os.preadv`), never through the map: the file's pages then stay in the page cache, outside the
+    process's resident memory, so a copied model costs RAM once, not twice."""
 
     infos: dict[str, TensorInfo]
     readers: dict[str, Reader]
     mapped: bool
+    copies: dict[str, Reader] = field(default_factory=dict)
 
 
 class LazyTensors(Mapping):
     """A read-on-access view of checkpoint tensors that casts and moves each tensor once, as it
     is read, so that only one copy of the weights ever exists.
 
-    With `copy`, every tensor is copied out of the file as it is read (`Tensor.to(copy=True)` is
-    also the cast and the move, so it is still one copy): the model owns its memory, and the file
-    may change or vanish afterwards. Without it, a tensor that needs no cast or move stays a view
-    of the file's memory map. On the meta device nothing is read: each tensor is an empty meta
-    tensor of the header's shape."""
+    With `copy`, every tensor is read into memory of its own (`_Tensors.copies`): the model owns its
+    memory, and the file may change or vanish afterwards. Without it, a tensor that needs no cast or
+    move stays a view of the file's memory map (no copy at all); one that does is read with plain
+    reads, cast or moved, and the read buffer dropped (so the map's pages of a cast tensor never
+    count in RSS). Off the CPU, each tensor goes from the file to the device through a host buffer of
+    its own size: there is never a host copy of the whole model. On the meta device nothing is read:
+    each tensor is an empty meta tensor of the header's shape."""
 
     def __init__(self, tensors: _Tensors, dtype: torch.dtype, device: torch.device, *, copy: bool) -> None:
         self._tensors, self._dtype, self._device, self._copy = tensors, dtype, device, copy
 
     def __getitem__(self, key: str) -> torch.Tensor:
+        info = self._tensors.infos[key]
         if self._device.type == "meta":
-            return torch.empty(self._tensors.infos[key].shape, dtype=self._dtype, device="meta")
-        t = self._tensors.readers[key]()
-        return t.to(device=self._device, dtype=self._dtype if t.is_floating_point() else None, copy=self._copy)
+            return torch.empty(info.shape, dtype=self._dtype, device="meta")
+        stored = _TORCH_DTYPES.get(info.dtype)
+        floating = stored is None or stored.is_floating_point
+        as_stored = self._device.type == "cpu" and (not floating or stored == self._dtype)
+        if self._tensors.copies and (self._copy or not as_stored):
+            t = self._tensors.copies[key]()  # fresh memory, read past the map; cast and moved below
+        else:
+            t = self._tensors.readers[key]()  # a view of the map (kept only as stored), or an in-memory tensor
+        return t.to(device=self._device, dtype=self._dtype if t.is_floating_point() else None)
+
+    def __contains__(self, key: object) -> bool:  # Mapping's default would read the tensor
+        return key in self._tensors.infos
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._tensors.readers)
@@ -112,22 +137,39 @@ class LazyTensors(Mapping):
         return len(self._tensors.readers)
 
 
+def _read_copy(f: BinaryIO, offset: int, info: TensorInfo, path: Path) -> torch.Tensor:
+    """One tensor of a safetensors file (little-endian, C order), read at `offset` straight into
+    a new tensor's memory: one copy, page cache -> tensor, and nothing mapped."""
+    t = torch.empty(info.shape, dtype=_TORCH_DTYPES[info.dtype])
+    buf = memoryview(t.reshape(-1).view(torch.uint8).numpy())  # the tensor's own bytes, written in place
+    done = 0
+    while done < len(buf):
+        n = os.preadv(f.fileno(), [buf[done:]], offset + done)
+        if n == 0:
+            raise CheckpointError(f"{path}: the file ended while reading its tensors (truncated since it was opened?)")
+        done += n
+    return t
+
+
 def _safetensors_tensors(headers: list[SafetensorsHeader]) -> _Tensors:
     """Readers for every tensor of some safetensors files, whose headers were read and validated
     (`read_safetensors_header`). Each file stays open, and mapped, until its readers are dropped."""
     infos: dict[str, TensorInfo] = {}
     readers: dict[str, Reader] = {}
+    copies: dict[str, Reader] = {}
     for header in headers:
         try:
             h = safe_open(str(header.path), framework="pt", device="cpu")
         except SafetensorError as e:  # the file changed since its header was read
             raise CheckpointError(f"{header.path}: unreadable safetensors file ({e})") from None
+        f = open_regular(header.path)
         for k, info in header.tensors.items():
             if k in readers:
                 raise CheckpointError(f"{header.path}: tensor {k!r} appears in two files of the same component")
             infos[k] = info
             readers[k] = lambda h=h, k=k: h.get_tensor(k)
-    return _Tensors(infos, readers, mapped=True)
+            copies[k] = lambda f=f, at=header.offsets[k], info=info, path=header.path: _read_copy(f, at, info, path)
+    return _Tensors(infos, readers, mapped=True, copies=copies)
 
 
 # torch writes its archive's entries stored, not compressed, but reads deflated ones too. Weights
@@ -200,6 +242,9 @@ class Subset(Mapping):
             raise KeyError(k)
         return self._source[k]
 
+    def __contains__(self, k) -> bool:  # Mapping's default would read the tensor
+        return k in self._keys
+
     def __iter__(self):
         return iter(self._keys)
 
@@ -258,6 +303,31 @@ def match_keys(part: Part) -> Match:
     return out
 
 
+def _concat0_shape(shapes: list[tuple[int, ...]]) -> tuple[int, ...] | None:
+    first = shapes[0]
+    if not first or any(len(s) != len(first) or s[1:] != first[1:] for s in shapes):
+        return None  # q, k, v of different ranks or widths cannot be concatenated
+    return (sum(s[0] for s in shapes), *first[1:])
+
+
+# The shape each of `keymap.TRANSFORMS` makes from its inputs' shapes (None: it cannot apply), in plain
+# arithmetic: running the transforms on meta tensors would do, but torch's meta `cat` imports
+# torch._dynamo on its first call (1.3 s and more, a third of a load). tests/test_load_paths.py checks
+# that the two agree, transform by transform.
+_SHAPES: dict[str, Callable[[list[tuple[int, ...]]], tuple[int, ...] | None]] = {
+    "identity": lambda s: s[0],
+    "transpose": lambda s: s[0][::-1] if len(s[0]) <= 2 else None,  # Tensor.t(): 0-d and 1-d stay as they are
+    "concat0": _concat0_shape,
+    "linear_to_conv1x1": lambda s: (*s[0], 1, 1) if len(s[0]) == 2 else s[0],
+}
+
+
+def transformed_shape(transform: str, shapes: list[tuple[int, ...]]) -> tuple[int, ...] | None:
+    """The shape `keymap.TRANSFORMS[transform]` makes from tensors of these shapes, or None if it cannot."""
+    shape = _SHAPES[transform](shapes)
+    return None if shape is None else tuple(shape)
+
+
 def check_tensors(part: Part, own: Mapping[str, set[str]], modules: Mapping[str, torch.nn.Module]) -> list[str]:
     """Before any data is read: each component's tensors as the header describes them (dtype, shape),
     against the module built on meta. Integer tensors where the module has float weights, and
@@ -272,11 +342,7 @@ def check_tensors(part: Part, own: Mapping[str, set[str]], modules: Mapping[str,
         expected = {k: tuple(v.shape) for k, v in modules[name].state_dict().items()}
         wrong = []
         for rule in table.rules:
-            theirs = [torch.empty(infos[t].shape, device="meta") for t in rule.theirs]
-            try:
-                got = tuple(TRANSFORMS[rule.transform][0](theirs).shape)
-            except (RuntimeError, IndexError):  # e.g. q, k, v of different ranks cannot be concatenated
-                got = None
+            got = transformed_shape(rule.transform, [infos[t].shape for t in rule.theirs])
             if got != expected[rule.ours]:
                 shapes = ", ".join(f"{t} {list(infos[t].shape)}" for t in rule.theirs)
                 wrong.append(f"{rule.ours} (expected {expected[rule.ours]}, got {got or 'no shape'} from {shapes})")

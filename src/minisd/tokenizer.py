@@ -182,6 +182,26 @@ class TokenizedBatch:
     eot_index: torch.Tensor
 
 
+@dataclass(frozen=True)
+class _Vocabulary:
+    """A BPE vocabulary as the tokenizer uses it: token -> id, id -> token, merge pair -> rank."""
+
+    encoder: dict[str, int]
+    decoder: list[str]
+    ranks: dict[tuple[str, str], int]
+
+    @staticmethod
+    def of(merges: Sequence[tuple[str, str]]) -> _Vocabulary:
+        vocab = vocabulary(merges)
+        return _Vocabulary({token: i for i, token in enumerate(vocab)}, vocab, {p: r for r, p in enumerate(merges)})
+
+
+@functools.lru_cache(maxsize=1)
+def _shipped_vocabulary() -> _Vocabulary:
+    """The shipped `bpe_simple_vocab_16e6.txt.gz`, read once per process, when a text is first tokenized."""
+    return _Vocabulary.of(read_merges())
+
+
 class CLIPTokenizer:
     """CLIP's BPE tokenizer (openai/CLIP `SimpleTokenizer`) with batching and padding.
 
@@ -204,17 +224,27 @@ class CLIPTokenizer:
         self.context_length = self._check_context_length(context_length)
         self.pad_token_id = self._check_pad(pad_token_id)
         self.special_tokens = self._check_special_tokens(special_tokens)
-        merges = read_merges(vocab_path)
+        # The shipped vocabulary is read on first use and shared (`_shipped_vocabulary`): loading a model
+        # builds a tokenizer, and reading 49k merges costs a third of a second. Another file is read now.
+        self._own_vocab = None if vocab_path is None else _Vocabulary.of(read_merges(vocab_path))
 
         byte_encoder = bytes_to_unicode()
         self._byte_decoder = {c: b for b, c in byte_encoder.items()}
         # UTF-8 bytes read as Latin-1 are the code points 0..255: one str.translate maps them.
         self._byte_table = str.maketrans({chr(b): c for b, c in byte_encoder.items()})
-        vocab = vocabulary(merges)
-        self._encoder = {token: i for i, token in enumerate(vocab)}
-        self._decoder = vocab
-        self._ranks = {pair: rank for rank, pair in enumerate(merges)}
         self._cached_word_ids = self._new_cache()
+
+    @property
+    def _vocab(self) -> _Vocabulary:
+        return self._own_vocab or _shipped_vocabulary()
+
+    @property
+    def _ranks(self) -> dict[tuple[str, str], int]:  # merge pair -> rank, as `bpe` takes it
+        return self._vocab.ranks
+
+    @property
+    def _encoder(self) -> dict[str, int]:  # token -> id
+        return self._vocab.encoder
 
     def _new_cache(self):
         # Per instance, since each instance may read another merges file.
@@ -230,7 +260,7 @@ class CLIPTokenizer:
 
     @property
     def vocab_size(self) -> int:
-        return len(self._decoder)
+        return len(self._vocab.decoder)
 
     # ------------------------------------------------------------------ encode
     def _word_ids(self, word: str) -> tuple[int, ...]:
@@ -332,7 +362,8 @@ class CLIPTokenizer:
         bad = [i for i in ids if not 0 <= i < self.vocab_size]
         if bad:
             raise ValueError(f"token ids must lie in [0, {self.vocab_size}), got {bad[:8]}")
-        text = "".join(self._decoder[i] for i in ids if i not in (self.sot_token_id, self.eot_token_id))
+        decoder = self._vocab.decoder
+        text = "".join(decoder[i] for i in ids if i not in (self.sot_token_id, self.eot_token_id))
         data = bytearray(self._byte_decoder[c] for c in text)
         return data.decode("utf-8", errors="replace").replace(END_OF_WORD, " ")
 

@@ -308,9 +308,13 @@ class CrossAttention(nn.Module):
     def __init__(self, query_dim: int, context_dim: int | None, heads: int, dim_head: int) -> None:
         super().__init__()
         inner = heads * dim_head
+        self.is_self_attention = context_dim is None  # attn1; attn2 attends to the text
         context_dim = query_dim if context_dim is None else context_dim
         self.heads = heads
         self.chunk_size: int | None = None  # see UNetModel.set_attention_chunk_size
+        # None: the official to_q/to_k/to_v. After `minisd.speed.fuse_projections`, "qkv" (self-attention:
+        # one `to_qkv` of rows [W_q; W_k; W_v]) or "kv" (cross-attention: `to_q` and one `to_kv`).
+        self.fused: str | None = None
         self.to_q = nn.Linear(query_dim, inner, bias=False)
         self.to_k = nn.Linear(context_dim, inner, bias=False)
         self.to_v = nn.Linear(context_dim, inner, bias=False)
@@ -318,9 +322,20 @@ class CrossAttention(nn.Module):
         self.to_out = nn.Sequential(nn.Linear(inner, query_dim), nn.Identity())
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        context = x if context is None else context
-        q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)  # (B, L, heads * d)
+        q, k, v = self._project(x, context)  # (B, L, heads * d) each
         return self.to_out(attention(q, k, v, heads=self.heads, chunk_size=self.chunk_size))
+
+    def _project(self, x: torch.Tensor, context: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+        """q from x; k, v from the context (x itself for self-attention). A fused projection is one
+        GEMM over the stacked weight rows; its output splits into the same three products."""
+        if self.fused == "qkv":
+            if context is not None:
+                raise ValueError("CrossAttention: a fused self-attention (to_qkv) takes no context")
+            return self.to_qkv(x).chunk(3, dim=-1)
+        context = x if context is None else context
+        if self.fused == "kv":
+            return (self.to_q(x), *self.to_kv(context).chunk(2, dim=-1))
+        return self.to_q(x), self.to_k(context), self.to_v(context)
 
 
 class GEGLU(nn.Module):

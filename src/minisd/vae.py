@@ -242,6 +242,9 @@ class AttnBlock(nn.Module):
     def __init__(self, channels: int) -> None:
         super().__init__()
         self.norm = _group_norm(channels)
+        # False: the official q/k/v convs; True after `minisd.speed.fuse_projections`: one `qkv` conv
+        # with the stacked weights [q; k; v], one read of the normalised input instead of three.
+        self.fused = False
         self.q = nn.Conv2d(channels, channels, kernel_size=1)
         self.k = nn.Conv2d(channels, channels, kernel_size=1)
         self.v = nn.Conv2d(channels, channels, kernel_size=1)
@@ -250,7 +253,8 @@ class AttnBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _, _, h, w = x.shape
         n = self.norm(x)
-        q, k, v = (rearrange(proj(n), "b c h w -> b (h w) c") for proj in (self.q, self.k, self.v))
+        qkv = self.qkv(n).chunk(3, dim=1) if self.fused else (self.q(n), self.k(n), self.v(n))
+        q, k, v = (rearrange(t, "b c h w -> b (h w) c") for t in qkv)
         # One head of width c, so the scale is c ** -0.5 as in the reference.
         out = rearrange(attention(q, k, v, heads=1), "b (h w) c -> b c h w", h=h, w=w)
         return x + self.proj_out(out)

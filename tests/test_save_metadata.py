@@ -43,3 +43,16 @@ def test_unreadable_recorded_config_is_named(tmp_path):
         safetensors.torch.save_file(tensors, str(out), metadata={**meta, "minisd.config": bad})
         with pytest.raises(CheckpointError, match=f"minisd.config.*{match}"):
             minisd.load(out)
+
+
+def test_a_model_generates_at_its_own_training_size_by_default(tmp_path):
+    """The shipped model was trained at 32 px: without width/height it must not draw at SD1's 512 (a
+    silently wrong picture). Its file records the size (`minisd.config` default_size), and a save keeps it."""
+    sd = minisd.load(minisd.TINY)
+    assert sd.family.default_size == 32
+    image = sd.generate("a red circle on a blue background", steps=2, seed=0)[0]
+    assert image.size == (32, 32)
+    again = minisd.load(minisd.save(sd, tmp_path / "copy.safetensors"))
+    assert again.family.default_size == 32
+    with pytest.raises(ValueError, match=r"default_size must be a positive number of pixels, got '32'"):
+        minisd.load(minisd.TINY, config={"default_size": "32"})

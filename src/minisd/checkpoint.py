@@ -366,6 +366,7 @@ def save(model: Components, path: str | Path, format: str = "official", *, overw
     if format == "official":
         tensors, architecture = _official_state_dict(model)
         tensors.update(_markers(model.family))
+        architecture["default_size"] = model.family.default_size  # a tiny model's own size, not its family's
         metadata["minisd.config"] = json.dumps(architecture)  # reloads without config= (`SingleFile.architecture`)
         _write_safetensors(tensors, path, metadata, overwrite=overwrite)
     else:

@@ -177,8 +177,8 @@ def _write_image(image: PIL.Image.Image, path: Path, fmt: str, *, overwrite: boo
 
 def _model_and_size(model: str | None, width: int | None, height: int | None) -> tuple[Path, tuple]:
     """The checkpoint to load (checked) and the (height, width) asked: with no --model, the built-in
-    `minisd.TINY` at the size it was trained at (its SD1 family record says 512, which it never saw),
-    on one thread."""
+    `minisd.TINY` at the size it was trained at (its file records it too, as `default_size`; `eval-shapes`
+    needs the number itself), on one thread."""
     if model is not None:
         return check_source(model), (height, width)
     from . import TINY

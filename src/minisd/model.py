@@ -176,6 +176,15 @@ class StableDiffusion(Components):
         """Where the pipelines run: the U-Net's device, or under an offload the accelerator it runs on."""
         return self.offload.device if self.offload is not None else next(self.unet.parameters()).device
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
+
+    @property
+    def size_multiple(self) -> int:
+        """Image sides must be multiples of this: VAE downsampling x U-Net downsampling."""
+        return self.vae.config.downsample_factor * self.unet.config.downsample_factor
+
     # ------------------------------------------------------------------ memory (minisd.offload)
     def enable_model_offload(self, device: str | torch.device = "cuda") -> None:
         """Keep the components on the CPU and move each to `device` only while it runs (diffusers'
@@ -209,15 +218,6 @@ class StableDiffusion(Components):
         self.disable_offload()
         home = torch.device("cpu")
         self.offload = kind([self.unet, self.vae, *self.text_encoders], torch.device(device), home)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.unet.parameters()).dtype
-
-    @property
-    def size_multiple(self) -> int:
-        """Image sides must be multiples of this: VAE downsampling x U-Net downsampling."""
-        return self.vae.config.downsample_factor * self.unet.config.downsample_factor
 
     # ------------------------------------------------------------------ LoRA / LyCORIS (minisd.lora, docs/lora.md)
     def load_lora(self, path: str | Path, scale: float = 1.0, name: str | None = None, *,

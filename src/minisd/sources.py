@@ -563,9 +563,11 @@ def apply_config(family: Family, config: Family | Mapping | str | Path | None) -
         config = read_json(Path(config))  # a regular file holding a JSON object, or a CheckpointError
     if not isinstance(config, Mapping):
         raise ValueError(f"config: expected a Family, a dict or a JSON path, got {type(config).__name__}")
-    unknown = sorted(set(config) - {"unet", "vae", "text_encoders"})
+    unknown = sorted(set(config) - {"unet", "vae", "text_encoders", "default_size"})
     if unknown:
-        raise ValueError(f"config: unknown sections {unknown}; expected 'unet', 'vae', 'text_encoders'")
+        raise ValueError(
+            f"config: unknown sections {unknown}; expected 'unet', 'vae', 'text_encoders', 'default_size'"
+        )
     unet = _component_config(UNetConfig, config.get("unet")) or family.unet
     vae = _component_config(VAEConfig, config.get("vae")) or family.vae
     text = tuple(t.config for t in family.text)
@@ -578,4 +580,8 @@ def apply_config(family: Family, config: Family | Mapping | str | Path | None) -
                 f"config: family {family.name} has {len(family.text)} text encoder(s), config gives {len(cfgs)}"
             )
         text = tuple(_component_config(TextConfig, c) for c in cfgs)
-    return family.with_architecture(unet, vae, text)
+    family = family.with_architecture(unet, vae, text)
+    size = config.get("default_size", family.default_size)  # the training resolution, for generate's default
+    if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
+        raise ValueError(f"config: default_size must be a positive number of pixels, got {size!r}")
+    return dataclasses.replace(family, default_size=size)

@@ -63,7 +63,7 @@ TINY_UNET = UNetConfig(
 TINY_VAE = VAEConfig(
     ch=32, ch_mult=(1, 1, 2), num_res_blocks=1, z_channels=4, embed_dim=4, resolution=SIZE, scale_factor=1.0,
 )  # fmt: skip
-TINY_CONFIG = {"unet": TINY_UNET, "vae": TINY_VAE, "text_encoders": [TINY_TEXT]}
+TINY_CONFIG = {"unet": TINY_UNET, "vae": TINY_VAE, "text_encoders": [TINY_TEXT], "default_size": SIZE}
 
 
 @dataclass(frozen=True)

@@ -114,6 +114,10 @@ def share(items: Sequence, rank: int, world: int) -> list:
 
 
 def todo(batch: Sequence[Job], overwrite: bool) -> bool:
+    """Whether `batch` still has work: True with `overwrite`, or when any of its files is missing.
+
+        if batch.todo(jobs, overwrite=False): ...
+    """
     return overwrite or not all(j.path.exists() for j in batch)
 
 
@@ -145,6 +149,7 @@ class World:
 
     @property
     def distributed(self) -> bool:
+        """Whether more than one process takes part (`torchrun` with WORLD_SIZE > 1)."""
         return self.size > 1
 
 
@@ -163,6 +168,10 @@ def join_world(device: torch.device) -> World:
 
 
 def barrier(world: World) -> None:
+    """Wait until every process of `world` gets here (a no-op for a world of one).
+
+        batch.barrier(world)
+    """
     if world.distributed:
         import torch.distributed as dist
 
@@ -170,6 +179,10 @@ def barrier(world: World) -> None:
 
 
 def leave_world(world: World) -> None:
+    """Leave the process group `join_world` joined, if any (a no-op for a world of one).
+
+        batch.leave_world(world)
+    """
     if world.distributed:
         import torch.distributed as dist
 

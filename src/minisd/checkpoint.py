@@ -345,6 +345,9 @@ def _write_safetensors(
 def save(model: Components, path: str | Path, format: str = "official", *, overwrite: bool = False) -> Path:
     """Export a model as an official single file (`format="official"`) or a diffusers folder.
 
+        minisd.save(sd, "model.safetensors")
+        minisd.save(sd, "model-diffusers/", format="diffusers")   # diffusers' from_pretrained reads it
+
     An official file reloads to the same tensors under the same keys as the file it was loaded
     from, less the ignored extras (`model.ignored`: EMA copies, schedule buffers, position_ids, ...).
     Nothing is overwritten unless `overwrite=True`, and the destination is checked before any work

@@ -33,6 +33,7 @@ import tempfile
 import traceback
 from collections import Counter
 from pathlib import Path
+from typing import NoReturn
 
 import PIL.Image
 import torch
@@ -389,11 +390,13 @@ def _common(p: argparse.ArgumentParser, default) -> None:
 class Parser(argparse.ArgumentParser):
     """argparse, with a usage error in one line (exit status 2): `minisd generate: error: ... (see --help)`."""
 
-    def error(self, message: str):
+    def error(self, message: str) -> NoReturn:
+        """Print the usage, one error line and a pointer to --help, then exit with status 2."""
         self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `minisd` argument parser, with every subcommand and the common options."""
     p = Parser(prog="minisd", description="Stable Diffusion v1/v2/XL from scratch")
     _common(p, False)
     sub = p.add_subparsers(dest="command", required=True)
@@ -422,6 +425,10 @@ def _terminate(signum, frame) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the `minisd` command line on `argv` (sys.argv[1:] when None); returns the exit status.
+
+        minisd.cli.main(["generate", "a red circle", "-o", "out.png"])  # the tiny model
+    """
     args = build_parser().parse_args(argv)  # a bad argument: usage, one error line, exit 2 (argparse)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"

@@ -34,7 +34,7 @@ from .metadata import Generation, png_info, read_generation
 from .model import DEFAULT_STEPS, StableDiffusion, base_then_refiner, load
 from .pipeline import HIRES_UPSCALERS
 from .progress import Preview, ProgressBar, combine
-from .samplers import SAMPLER_NAMES
+from .samplers import SAMPLER_NAMES, Callback
 from .schedules import SPACINGS
 
 logger = logging.getLogger(__name__)
@@ -120,6 +120,7 @@ def plan_jobs(args: argparse.Namespace, settings: dict) -> tuple[list[batch.Job]
 
 
 def check_sources(settings: dict, args: argparse.Namespace) -> None:
+    """Check that every input file the request names (model, images, LoRAs, embeddings, configs) is readable."""
     for name in ("model", "init_image", "mask", "refiner", "vae"):
         if settings.get(name):
             check_source(settings[name])
@@ -232,6 +233,7 @@ def generate_kwargs(jobs: list[batch.Job]) -> dict:
 
 
 def run_batch(jobs: list[batch.Job], models: Models, callback) -> list[PIL.Image.Image]:
+    """Generate the images of one batch of `jobs` (through the refiner when loaded); one image per job."""
     kw = generate_kwargs(jobs)
     prompts = [j.generation.prompt for j in jobs]
     g = jobs[0].generation
@@ -242,7 +244,9 @@ def run_batch(jobs: list[batch.Job], models: Models, callback) -> list[PIL.Image
     return models.sd.generate(prompts, callback=callback, **kw)
 
 
-def callbacks(jobs: list[batch.Job], args: argparse.Namespace, models: Models, label: str):
+def callbacks(
+    jobs: list[batch.Job], args: argparse.Namespace, models: Models, label: str
+) -> tuple[ProgressBar | None, Callback | None]:
     """The progress bar (on a terminal only) and the previews of a batch."""
     g = jobs[0].generation
     strength = g.strength if g.init_image and g.strength is not None else None
@@ -275,6 +279,7 @@ def write_image(image: PIL.Image.Image, job: batch.Job, *, overwrite: bool, numb
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    """`minisd generate`: plan, check, load, then generate and write every image; returns the exit status."""
     if args.preview and args.preview_every < 1:
         raise ValueError("--preview-every: expected a positive number of steps")
     settings = requested(args)
@@ -332,6 +337,7 @@ An existing file is never replaced without --overwrite: the next free name (OUT-
 
 
 def positive_int(text: str) -> int:
+    """argparse type: `text` as an integer >= 1 (ArgumentTypeError otherwise)."""
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")

@@ -126,6 +126,7 @@ class LayerNorm(nn.LayerNorm):
     `nn.LayerNorm` on CUDA accumulates in fp32 too. In fp32 all of these are the same op."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """LayerNorm computed in fp32: (..., C) -> (..., C), in x's dtype."""
         w, b = self.weight.float(), self.bias.float()
         return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).to(x.dtype)
 
@@ -134,6 +135,7 @@ class QuickGELU(nn.Module):
     """x * sigmoid(1.702 x), the GELU approximation OpenAI CLIP was trained with (clip/model.py)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x * sigmoid(1.702 x), elementwise: any shape -> the same shape."""
         return x * torch.sigmoid(1.702 * x)
 
 
@@ -149,6 +151,7 @@ class CausalSelfAttention(nn.Module):
         self.out_proj = nn.Linear(width, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Causal self-attention: (B, L, width) -> (B, L, width)."""
         q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)  # 3 x (B, L, width)
         # Token i sees tokens 0..i only: the causal mask of CLIP's text encoder, built by SDPA.
         return self.out_proj(attention(q, k, v, heads=self.heads, is_causal=True))
@@ -172,6 +175,7 @@ class ResidualAttentionBlock(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Pre-norm attention and MLP, each residual: (B, L, width) -> (B, L, width)."""
         x = x + self.attn(self.ln_1(x))
         x = x + self.mlp(self.ln_2(x))
         return x

@@ -178,6 +178,7 @@ class TensorInfo:
 
     @property
     def numel(self) -> int:
+        """The number of elements (the product of `shape`)."""
         return math.prod(self.shape)
 
 
@@ -614,6 +615,7 @@ def probe_prediction_type(unet: UNetModel, *, size: int | None = None) -> ProbeR
 
 
 def refuse_pickle(path: Path) -> None:
+    """Raise CheckpointError for the pickled checkpoint at `path`, saying how to convert or allow it."""
     raise CheckpointError(
         f"{path}: pickled checkpoints can run arbitrary code when loaded, so minisd refuses them by default. "
         "Convert it once to safetensors (e.g. `minisd convert` from a trusted machine, or "
@@ -688,7 +690,10 @@ def detect_diffusers(folder: Path) -> DetectedModel:
 
 def detect(path: str | Path) -> DetectedModel:
     """What a checkpoint holds, from its header (or a diffusers folder's JSON files) alone: the
-    prediction type of an SD2 file without metadata stays None (loading decides it, see above)."""
+    prediction type of an SD2 file without metadata stays None (loading decides it, see above).
+
+        minisd.detect("v1-5-pruned-emaonly.safetensors")   # family "sd1", with the evidence for it
+    """
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or directory")
@@ -701,6 +706,7 @@ def detect(path: str | Path) -> DetectedModel:
 
 
 def sha256(path: Path, chunk: int = 1 << 24) -> str:
+    """The SHA-256 of the file at `path` as a hex string, read `chunk` bytes at a time."""
     h = hashlib.sha256()
     with open_regular(path) as f:
         while block := f.read(chunk):

@@ -186,9 +186,17 @@ class Embeddings:
         return len(self._vectors)
 
     def add(self, token: str, vectors: tuple[torch.Tensor, ...]) -> None:
+        """Load `vectors` (one `(n, width)` tensor per text encoder) under `token`, replacing any already there.
+
+            sd.load_embedding("EasyNegative.safetensors")
+        """
         self._vectors[token] = vectors
 
     def remove(self, token: str) -> None:
+        """Forget the embedding loaded under `token` (ValueError when none is).
+
+            sd.unload_embedding("EasyNegative")
+        """
         if token not in self._vectors:
             raise ValueError(f"no embedding is loaded for token {token!r}; loaded: {sorted(self._vectors)}")
         del self._vectors[token]

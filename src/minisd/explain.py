@@ -124,6 +124,7 @@ class AttentionRecorder:
         self.handle = module.register_forward_hook(self.hook)
 
     def hook(self, m, args, output) -> None:
+        """Forward hook: add this call's head-mean cross-attention probabilities (cond side) to the total."""
         p = attention_probabilities(m, args[0], args[1])
         p = p.mean(dim=1)[-1]  # head mean of the last item: the cond side ([uncond, cond] when guided)
         self.total = p if self.total is None else self.total + p
@@ -136,6 +137,7 @@ class AttentionRecorder:
         return rearrange(self.total / self.calls, "(h w) k -> k h w", h=latent_hw[0] // f)
 
     def remove(self) -> None:
+        """Detach the hook from the module."""
         self.handle.remove()
 
 
@@ -148,10 +150,12 @@ class GuidanceRecorder:
         self.handle = unet.register_forward_hook(self.hook)
 
     def hook(self, m, args, output) -> None:
+        """Forward hook: keep the U-Net's cond - uncond output of this call (fp32)."""
         uncond, cond = output.float().chunk(2)
         self.last = cond - uncond
 
     def remove(self) -> None:
+        """Detach the hook from the U-Net."""
         self.handle.remove()
 
 
@@ -321,6 +325,7 @@ SCALE = 4  # a 32x32 picture is shown at 128x128, nearest-neighbour, so its pixe
 
 
 def font(size: int = 11) -> PIL.ImageFont.ImageFont:
+    """PIL's default font at `size` pixels."""
     return PIL.ImageFont.load_default(size=size)
 
 

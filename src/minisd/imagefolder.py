@@ -64,6 +64,7 @@ class ImageCaptionFolder(Dataset):
         return len(self.files)
 
     def set_epoch(self, epoch: int) -> None:
+        """Set the epoch, which seeds the random crops (called by the training loop each epoch)."""
         self.epoch = epoch
 
     def __getitem__(self, index: int) -> dict:

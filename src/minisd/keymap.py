@@ -126,6 +126,7 @@ class KeyTable:
     # -- queries
     @property
     def theirs_keys(self) -> list[str]:
+        """Every key of the other layout the rules name, in rule order."""
         return [t for r in self.rules for t in r.theirs]
 
     def ignored_reason(self, key: str) -> str | None:

@@ -51,6 +51,7 @@ class LoraTarget:
     rows: tuple[int, int] | None = None
 
     def describe(self) -> str:
+        """A readable name of the target, e.g. `U-Net <module>.<param>[0:320]`."""
         where = "U-Net" if self.component == UNET else f"text encoder {self.component}"
         rows = "" if self.rows is None else f"[{self.rows[0]}:{self.rows[1]}]"
         return f"{where} {self.module}.{self.param}{rows}"
@@ -177,6 +178,7 @@ class MadeFor:
     context_width: int | None  # in-width of a cross-attention to_k / to_v, None when absent
 
     def describe(self) -> str:
+        """The model family evidence in words (context width, text encoders), or 'no evidence'."""
         parts = []
         if self.context_width is not None:
             family = _CONTEXT_WIDTHS.get(self.context_width, "an unknown family")

@@ -76,6 +76,7 @@ class Generation:
     version: str = ""
 
     def to_json(self) -> str:
+        """The settings as a JSON object with sorted keys."""
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
 
     @classmethod
@@ -138,6 +139,10 @@ def infotext(g: Generation) -> str:
 
 
 def png_info(g: Generation) -> PIL.PngImagePlugin.PngInfo:
+    """PNG text chunks for `g`: A1111-style parameters and minisd's JSON.
+
+        image.save("out.png", pnginfo=png_info(generation))
+    """
     info = PIL.PngImagePlugin.PngInfo()
     info.add_text(PARAMETERS_KEY, infotext(g))
     info.add_text(JSON_KEY, g.to_json())

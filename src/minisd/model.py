@@ -86,6 +86,9 @@ def load(
 ) -> StableDiffusion:
     """Load an official single-file checkpoint or a diffusers folder, ready to generate.
 
+        sd = minisd.load("sd_xl_base_1.0.safetensors", device="cuda", dtype=torch.float16)
+        sd = minisd.load(minisd.TINY)                    # the shipped 32 px model, on the CPU
+
     Args:
         path: a `.safetensors` file in the official layout, or a diffusers folder.
         device: where the weights go; tensors are read straight onto it.
@@ -178,6 +181,7 @@ class StableDiffusion(Components):
 
     @property
     def dtype(self) -> torch.dtype:
+        """The U-Net's parameter dtype."""
         return next(self.unet.parameters()).dtype
 
     @property
@@ -223,7 +227,11 @@ class StableDiffusion(Components):
     def load_lora(self, path: str | Path, scale: float = 1.0, name: str | None = None, *,
                   allow_pickle: bool = False) -> str:  # fmt: skip
         """Apply a kohya / A1111, diffusers / PEFT, LoHa or LoKr file with `scale`; returns its name
-        (default: the file's stem), used by `set_lora_scale` and `unload_lora`."""
+        (default: the file's stem), used by `set_lora_scale` and `unload_lora`.
+
+            name = sd.load_lora("watercolor.safetensors", scale=0.8)
+            sd.set_lora_scale(name, 0.5); sd.unload_lora(name)
+        """
         _speed.check_unfused(self, "load_lora")
         return _lora.load_lora(self, path, scale, name, allow_pickle=allow_pickle)
 
@@ -257,7 +265,10 @@ class StableDiffusion(Components):
         self, *, mode: str | None = None, fullgraph: bool = True, dynamic: bool | None = None
     ) -> StableDiffusion:
         """`torch.compile` the U-Net, the VAE decoder and the text encoders in place (`speed.compile_model`);
-        returns self. `mode="reduce-overhead"` adds CUDA graphs on a GPU."""
+        returns self. `mode="reduce-overhead"` adds CUDA graphs on a GPU.
+
+            sd = minisd.load("sd15.safetensors", device="cuda", dtype=torch.float16).compile()
+        """
         return _speed.compile_model(self, mode=mode, fullgraph=fullgraph, dynamic=dynamic)
 
     def load_vae(
@@ -271,7 +282,10 @@ class StableDiffusion(Components):
         """Replace the VAE with a standalone VAE file or folder (the layouts are in `minisd.vae_files`),
         which must fit this model's VAE architecture. `upcast` records whether it must decode in float32
         under an fp16 model (default: the file's config.json or known hash says, else True); the VAE
-        then runs in `vae_dtype`, else float32 or the model's dtype accordingly (`sd.vae_precision`)."""
+        then runs in `vae_dtype`, else float32 or the model's dtype accordingly (`sd.vae_precision`).
+
+            sd.load_vae("vae-ft-mse-840000-ema-pruned.safetensors")
+        """
         device = next(self.vae.parameters()).device
         self.vae, self.vae_precision = load_vae_file(
             path, self.vae.config, device=device, model_dtype=self.dtype, vae_dtype=vae_dtype, upcast=upcast,
@@ -282,7 +296,11 @@ class StableDiffusion(Components):
     def load_embedding(self, path: str | Path, token: str | None = None) -> str:
         """Load a textual-inversion embedding (A1111 .pt / .safetensors, diffusers learned_embeds, SDXL
         clip_l + clip_g; `minisd.embeddings`) under `token` (default: the file's stem); returns the token,
-        which prompts may then use, in any prompt syntax and inside weighted spans."""
+        which prompts may then use, in any prompt syntax and inside weighted spans.
+
+            token = sd.load_embedding("EasyNegative.safetensors")    # "EasyNegative"
+            sd.generate("a cat", negative_prompt=f"{token}, blurry")
+        """
         file = read_embedding(path)
         vectors = vectors_for_model(file, self.family, [e.config.width for e in self.text_encoders])
         token = check_token(Path(path).stem if token is None else token, self.tokenizer, self.embeddings)
@@ -303,7 +321,10 @@ class StableDiffusion(Components):
         prompt_syntax: str = "plain",
     ) -> Conditioning:
         """Encode prompts as this family was trained (see `conditioning.encode_prompt`), with the
-        loaded embeddings; `prompt_syntax` is "plain", "a1111" or "comfy" (docs/prompts.md)."""
+        loaded embeddings; `prompt_syntax` is "plain", "a1111" or "comfy" (docs/prompts.md).
+
+            cond = sd.encode_prompt(["a (red:1.2) circle"], prompt_syntax="a1111")   # .context, .pooled
+        """
         _check_choice("prompt_syntax", prompt_syntax, PROMPT_SYNTAXES)
         return encode_prompt(
             prompts,
@@ -394,6 +415,10 @@ class StableDiffusion(Components):
         `hires_scale` (with `hires_strength`, `hires_steps`, `hires_upscale`) runs A1111's two-pass hires fix
         (`pipeline.hires_fix`): `generate("a cat", width=512, height=512, hires_scale=2)` gives 1024x1024.
         A bad argument raises a ValueError naming it; a NaN or inf from a model, `NonFiniteError`.
+
+            images = sd.generate("a lighthouse at dusk", seed=0, steps=30, sampler="dpmpp_2m_karras")
+            images = sd.generate("a cat", init_image=photo, strength=0.6, seed=1)          # img2img
+            images = sd.generate("a cat", width=512, height=512, hires_scale=2, seed=2)   # 1024 px, two passes
         """
         _check_choice("output", output, OUTPUT_TYPES)
         _check_choice("noise", noise, NOISE_CONVENTIONS)

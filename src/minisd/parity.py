@@ -29,7 +29,7 @@ import json
 import logging
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -111,6 +111,7 @@ class Settings:
             raise ParityError(f"steps must be in [1, 1000], got {self.steps}")
 
     def as_json(self) -> dict:
+        """The settings as a JSON-ready dict (dtype by name, samplers as a list)."""
         d = dataclasses.asdict(self)
         return {**d, "dtype": _dtype_name(self.dtype), "samplers": list(self.samplers)}
 
@@ -130,9 +131,11 @@ class Row:
 
     @property
     def passed(self) -> bool:
+        """Whether the relative difference is within tolerance (False for NaN)."""
         return self.max_rel <= self.tolerance  # False for NaN as well
 
     def as_json(self) -> dict:
+        """The row as a JSON-ready dict, with `passed`."""
         return {**dataclasses.asdict(self), "passed": self.passed}
 
 
@@ -152,6 +155,7 @@ class Divergence:
     their_keys: tuple[str, ...]
 
     def describe(self) -> str:
+        """One line: where the two models first diverge, by how much, and the weights involved."""
         return (f"{self.row}: first diverges at {self.ours} (reference: {self.theirs}); difference "
                 f"{self.input_rel:.2e} in, {self.output_rel:.2e} out; weights {', '.join(self.our_keys)} "
                 f"(reference: {', '.join(self.their_keys)})")  # fmt: skip
@@ -167,6 +171,7 @@ class Report:
 
     @property
     def passed(self) -> bool:
+        """Whether there are rows and every one passed."""
         return bool(self.rows) and all(r.passed for r in self.rows)
 
     def table(self) -> str:
@@ -179,6 +184,7 @@ class Report:
         return "\n".join(lines)
 
     def as_json(self) -> dict:
+        """The report as a JSON-ready dict: passed, rows, divergences and meta."""
         return {"passed": self.passed, "rows": [r.as_json() for r in self.rows],
                 "divergences": [dataclasses.asdict(d) for d in self.divergences], "meta": self.meta}  # fmt: skip
 
@@ -324,14 +330,16 @@ def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 # ----------------------------------------------------------------------------------------- runs
-def load_for_parity(checkpoint: str | Path, settings: Settings, config=None, family: str | None = None):
+def load_for_parity(
+    checkpoint: str | Path, settings: Settings, config=None, family: str | None = None
+) -> StableDiffusion:
     """minisd's model for a parity run: every component (the VAE too) in the run's dtype and device."""
     return load(checkpoint, device=settings.device, dtype=settings.dtype, vae_dtype=settings.dtype,
                 config=config, family=family)  # fmt: skip
 
 
 @contextlib.contextmanager
-def exact_fp32():
+def exact_fp32() -> Iterator[None]:
     """fp32 means fp32 for the run: CUDA's TF32 matmuls and convolutions (10-bit significands; PyTorch turns
     them on for cuDNN convolutions by default) are switched off, and restored afterwards."""
     saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
@@ -360,7 +368,10 @@ def _reference_run(checkpoint, settings: Settings, config, family):
 def check(checkpoint: str | Path, *, settings: Settings | None = None, config=None, family: str | None = None,
           bundle: str | Path | None = None, localise: bool = True) -> Report:  # fmt: skip
     """Compare minisd with the reference on `checkpoint`: live (diffusers and transformers), or against
-    the outputs recorded in `bundle`, whose settings (dtype, seed, samplers, steps) then apply."""
+    the outputs recorded in `bundle`, whose settings (dtype, seed, samplers, steps) then apply.
+
+        report = parity.check("v1-5-pruned-emaonly.safetensors")   # report.passed, report.rows
+    """
     settings = settings or Settings()
     if bundle is not None:
         inputs, theirs, meta = read_bundle(bundle)
@@ -383,7 +394,10 @@ def check(checkpoint: str | Path, *, settings: Settings | None = None, config=No
 @exact_fp32()
 def record(checkpoint: str | Path, bundle: str | Path, *, settings: Settings | None = None, config=None,
            family: str | None = None, overwrite: bool = False) -> Path:  # fmt: skip
-    """Run the reference on `checkpoint` and save its inputs and outputs into the safetensors file `bundle`."""
+    """Run the reference on `checkpoint` and save its inputs and outputs into the safetensors file `bundle`.
+
+        parity.record("model.safetensors", "bundle.safetensors")   # later: check(..., bundle="bundle.safetensors")
+    """
     _, _, inputs, outputs, meta = _reference_run(checkpoint, settings or Settings(), config, family)
     return write_bundle(bundle, inputs, outputs, meta, overwrite=overwrite)
 

@@ -23,6 +23,7 @@ import json
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -180,7 +181,7 @@ def _unet_kwargs(ref: Reference, inputs: dict, dev: torch.device, dtype: torch.d
     return kwargs
 
 
-def make_scheduler(name: str, prediction_type: str):
+def make_scheduler(name: str, prediction_type: str) -> Any:
     """diffusers' scheduler for minisd sampler `name` on the official SD config (`SCHEDULER_CONFIG`)."""
     import diffusers
 

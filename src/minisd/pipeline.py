@@ -137,6 +137,7 @@ class Prompt:
 
     @property
     def batch(self) -> int:
+        """The number of images: prompts x images per prompt."""
         return len(self.prompts) * self.num_images
 
     @property
@@ -157,6 +158,7 @@ class Sampling:
     denoising_end: float | None = None  # stop above this fraction of the timesteps (SDXL base -> refiner)
 
     def plan(self) -> SamplerPlan:
+        """The sampler plan (sigmas and steps) for these settings."""
         return plan_sampler(self.sampler, self.schedule, self.steps, spacing=self.spacing, eta=self.eta)
 
 
@@ -187,6 +189,7 @@ class InitImage:
     images: torch.Tensor
 
     def latents(self, sd: StableDiffusion, prompt: Prompt, generator: torch.Generator) -> torch.Tensor:
+        """The init images encoded by the VAE, one per image of the batch: (B, C, H/f, W/f)."""
         return expand(sd.encode_images(self.images, generator), prompt, "init_image").to(sd.device)
 
 
@@ -197,6 +200,7 @@ class InitLatents:
     given: torch.Tensor
 
     def latents(self, sd: StableDiffusion, prompt: Prompt, generator: torch.Generator) -> torch.Tensor:
+        """The given latents in fp32, one per image of the batch: (B, C, h, w)."""
         given = check_latents("init_latents", self.given, sd.unet.config.out_channels)
         return expand(given.float(), prompt, "init_latents").to(sd.device)
 
@@ -366,6 +370,7 @@ class Conditions:
     uncond: dict[str, torch.Tensor]
 
     def with_concat(self, concat: torch.Tensor) -> Conditions:
+        """These conditions with `concat` (channels concatenated to the U-Net input) on both sides."""
         return Conditions({**self.cond, "concat": concat}, {**self.uncond, "concat": concat})
 
 

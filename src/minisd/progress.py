@@ -63,6 +63,7 @@ class ProgressBar:
         self.stream.flush()
 
     def close(self) -> None:
+        """End the bar's line, if it drew anything."""
         if self.last >= 0:
             self.stream.write("\n")
             self.stream.flush()

@@ -150,14 +150,17 @@ class DiscreteSchedule:
 
     @property
     def num_train_timesteps(self) -> int:
+        """The number of training timesteps (sigmas)."""
         return self.sigmas.numel()
 
     @property
     def sigma_min(self) -> float:
+        """The smallest sigma (the first timestep's)."""
         return float(self.sigmas[0])
 
     @property
     def sigma_max(self) -> float:
+        """The largest sigma (the last timestep's)."""
         return float(self.sigmas[-1])
 
     def sigma_to_t(self, sigma: torch.Tensor, *, quantize: bool = False) -> torch.Tensor:

@@ -111,10 +111,12 @@ class Scene:
 
     @property
     def caption(self) -> str:
+        """The scene described in words."""
         return caption(self.color, self.shape, self.bg, self.form, self.position)
 
     @property
     def held_out(self) -> bool:
+        """Whether the color/shape pair is one held out of training."""
         return (self.color, self.shape) in HELD_OUT
 
 
@@ -206,6 +208,7 @@ class ShapesDataset(torch.utils.data.Dataset):
         return self.length
 
     def scene(self, index: int) -> Scene:
+        """The scene of item `index`, the same on every run for the same seed (IndexError out of range)."""
         if not 0 <= index < self.length:
             raise IndexError(f"index {index} out of range for {self.length} items")
         # A string seed is hashed with SHA-512 by `random.seed`: stable across runs and platforms.
@@ -254,10 +257,12 @@ class Judgement:
 
     @property
     def size(self) -> str:
+        """'large' or 'small', by the measured width."""
         return "large" if self.width > LARGE_ABOVE else "small"
 
     @property
     def position(self) -> str:
+        """'center', or the quadrant ('top left', ...) of the measured center."""
         dx, dy = self.cx - 0.5, self.cy - 0.5
         if max(abs(dx), abs(dy)) < CENTER_WITHIN:
             return "center"
@@ -413,6 +418,7 @@ class Report:
 
     @classmethod
     def of(cls, scored: Sequence[dict[str, bool]]) -> Report:
+        """The report of `scored` items: per attribute, the accuracy over the items that asked it."""
         acc, counts = {}, {}
         for attr in ATTRIBUTES:
             asked = [s[attr] for s in scored if attr in s]
@@ -421,6 +427,7 @@ class Report:
         return cls(len(scored), acc, counts)
 
     def row(self) -> str:
+        """One line with each attribute's accuracy ('n/a' when not asked)."""
         return " ".join(f"{a} {self.accuracy[a]:6.1%}" if a in self.accuracy else f"{a}    n/a" for a in ATTRIBUTES)
 
 

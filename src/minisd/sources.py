@@ -385,6 +385,7 @@ class SingleFile:
             ) from None
 
     def parts(self, family: Family, *, use_ema: bool) -> list[Part]:
+        """The file as one part, read with the official key tables."""
         tables = official_tables(family, set(self.tensors.infos), use_ema=use_ema)
         return [Part(str(self.path), self.tensors, tables, OFFICIAL_EXTRAS)]
 
@@ -400,6 +401,7 @@ class SingleFile:
         return [(f"under `{prefix}`", size) for prefix, size in zip(prefixes, sizes)]
 
     def full_layers(self, enc: TextEncoderSpec, cfg: TextConfig) -> int:
+        """The text encoder's layer count in the file: the whole tower."""
         return cfg.layers  # the official file holds whole towers
 
     def known_file(self) -> tuple[str, str] | None:
@@ -409,6 +411,7 @@ class SingleFile:
         return known.prediction_type, f"SHA-256 of the official {known.name}"
 
     def check(self) -> None:
+        """Check the file's stored noise schedule (`alphas_cumprod`), if any."""
         if "alphas_cumprod" in self.tensors.readers:
             check_schedule(self.tensors.readers["alphas_cumprod"](), self.path)
 
@@ -484,6 +487,7 @@ class DiffusersFolder:
         return family
 
     def parts(self, family: Family, *, use_ema: bool) -> list[Part]:
+        """One part per component folder (unet/, vae/, text encoders), each with its diffusers key table."""
         names = component_names(family)
         unet = {names[0]: unet_table(family.unet, text_time=self.text_time)}
         parts = [
@@ -513,12 +517,15 @@ class DiffusersFolder:
         return out
 
     def full_layers(self, enc: TextEncoderSpec, cfg: TextConfig) -> int:
+        """The text encoder's layer count in the folder (one more where diffusers drops the last)."""
         return cfg.layers + 1 if enc.diffusers_drops_last else cfg.layers
 
     def known_file(self) -> tuple[str, str] | None:
+        """None: a folder is not matched by hash (its scheduler config tells the prediction type)."""
         return None  # a folder's scheduler config already said (detection)
 
     def check(self) -> None:
+        """Nothing to check for a folder."""
         pass
 
 

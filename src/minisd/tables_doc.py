@@ -186,6 +186,10 @@ def documents() -> dict[str, str]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Write the key-table documents into the folder argv[0] (default docs/key-tables).
+
+        minisd.tables_doc.main(["docs/key-tables"])
+    """
     out = Path((argv or sys.argv[1:] or ["docs/key-tables"])[0])
     out.mkdir(parents=True, exist_ok=True)
     for name, text in documents().items():

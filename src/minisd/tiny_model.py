@@ -226,6 +226,10 @@ def ship_file(src: str | Path, dst: str | Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Retrain the tiny model from the command line; returns the exit status.
+
+        python -m minisd.tiny_model --out work/tiny
+    """
     p = argparse.ArgumentParser(prog="python -m minisd.tiny_model", description="Retrain minisd's tiny model "
                                 "from scratch on the built-in shapes (resumes what --out holds).")  # fmt: skip
     p.add_argument("--out", required=True, help="work folder: checkpoints, logs, snapshots, tiny-sd.safetensors")

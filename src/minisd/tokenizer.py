@@ -260,6 +260,7 @@ class CLIPTokenizer:
 
     @property
     def vocab_size(self) -> int:
+        """The number of tokens in the vocabulary."""
         return len(self._vocab.decoder)
 
     # ------------------------------------------------------------------ encode

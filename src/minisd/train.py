@@ -172,6 +172,7 @@ class TrainResult(LoopResult):
 
     @property
     def steps_per_second(self) -> float:
+        """Training speed over this run's steps."""
         return (self.step - self.start_step) / max(self.seconds, 1e-9)
 
 
@@ -252,7 +253,10 @@ class DiffusionObjective(nn.Module):
         self.text_encoders = nn.ModuleList(sd.text_encoders)
         self._sd, self.config, self.alphas_cumprod = (sd,), config, alphas_cumprod  # a tuple: not a submodule
 
-    def forward(self, latents, noise, t, captions, drop, micro):  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        self, latents, noise, t, captions, drop, micro
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Weighted denoising MSE of latents (B, C, h, w) with noise at timesteps t (B,): (loss, {'mse'})."""
         sd = self._sd[0]
         context, y = condition(sd, captions, drop, micro, grad=self.config.train_text_encoder)
         x_t, target = noised_and_target(latents, noise, t, self.alphas_cumprod, sd.prediction_type)
@@ -470,7 +474,10 @@ class VAEObjective(nn.Module):
         super().__init__()
         self.vae, self.config = vae, config
 
-    def forward(self, images: torch.Tensor, eps: torch.Tensor):  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        self, images: torch.Tensor, eps: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """VAE loss of images (B, 3, H, W) in [0, 1], eps for the posterior sample: (loss, {rec, kl, psnr})."""
         x = 2.0 * images - 1.0
         posterior = self.vae.encode(x)
         z = posterior.mean + posterior.std * eps if self.config.sample_posterior else posterior.mean

@@ -97,9 +97,11 @@ class Processes:
 
     @property
     def main(self) -> bool:
+        """Whether this is the main process (rank 0)."""
         return self.rank == 0
 
     def part(self, global_batch: int) -> slice:
+        """This process's slice of a global batch of `global_batch` items."""
         b = global_batch // self.world
         return slice(self.rank * b, (self.rank + 1) * b)
 
@@ -182,6 +184,7 @@ class EMA:
 
     @torch.no_grad()
     def update(self, modules: Mapping[str, nn.Module]) -> None:
+        """Move the shadow weights toward the modules' current ones (decay warms up with the update count)."""
         self.num_updates += 1
         d = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
         for name, m in modules.items():
@@ -191,9 +194,11 @@ class EMA:
                     shadow[k].lerp_(p.detach().float(), 1.0 - d)
 
     def state_dict(self) -> dict[str, Any]:
+        """The EMA's state (decay, update count, shadow weights) for a checkpoint."""
         return {"decay": self.decay, "num_updates": self.num_updates, "shadow": self.shadow}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore the update count and shadow weights from `state_dict()`'s output."""
         self.num_updates = int(state["num_updates"])
         for name, weights in state["shadow"].items():
             for k, v in weights.items():
@@ -210,7 +215,9 @@ def copy_weights(modules: Mapping[str, nn.Module], weights: Mapping[str, Mapping
 
 
 @contextlib.contextmanager
-def swapped(modules: Mapping[str, nn.Module], weights: Mapping[str, Mapping[str, torch.Tensor]] | None):
+def swapped(
+    modules: Mapping[str, nn.Module], weights: Mapping[str, Mapping[str, torch.Tensor]] | None
+) -> Iterator[None]:
     """Run a block with `weights` (e.g. the EMA) in the modules, then put the trained weights back."""
     if weights is None:
         yield
@@ -233,6 +240,7 @@ class Progress:
         self.t0 = self.last = time.perf_counter()
 
     def update(self, step: int, loss: float) -> None:
+        """Redraw the bar for `step` with `loss` (at most every 0.2 s, and always at the end)."""
         now = time.perf_counter()
         if not self.enabled or (now - self.last < 0.2 and step < self.total):
             return
@@ -246,6 +254,7 @@ class Progress:
         sys.stderr.flush()
 
     def close(self) -> None:
+        """End the bar's line."""
         if self.enabled:
             sys.stderr.write("\n")
 
@@ -264,6 +273,7 @@ class LossLog:
         path.write_text("".join(line + "\n" for line in kept))
 
     def write(self, record: Mapping[str, Any]) -> None:
+        """Append `record` as one JSON line (main process only)."""
         if self.enabled:
             with self.path.open("a") as f:
                 f.write(json.dumps(record) + "\n")

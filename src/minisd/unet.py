@@ -133,6 +133,7 @@ class UNetConfig:
 
     @property
     def middle_depth(self) -> int:
+        """Transformer depth of the middle block (the deepest level's unless set)."""
         return self.depths[-1] if self.transformer_depth_middle is None else self.transformer_depth_middle
 
     @property
@@ -271,6 +272,7 @@ class GroupNorm32(nn.GroupNorm):
     `super().forward(x.float()).type(x.dtype)`), used by the ResBlocks and `out`."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """GroupNorm computed in fp32: (B, C, H, W) -> (B, C, H, W), in x's dtype."""
         # Affine parameters are upcast too, so an fp16/bf16 model needs no autocast here.
         return F.group_norm(x.float(), self.num_groups, self.weight.float(), self.bias.float(), self.eps).to(x.dtype)
 
@@ -296,6 +298,7 @@ class ResBlock(nn.Module):
         self.skip_connection = nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        """x (B, C, H, W) and timestep embedding emb (B, E) -> (B, C_out, H, W)."""
         h = self.in_layers(x)
         h = h + self.emb_layers(emb)[:, :, None, None]  # (B, C) broadcast over h, w
         h = self.out_layers(h)
@@ -322,6 +325,7 @@ class CrossAttention(nn.Module):
         self.to_out = nn.Sequential(nn.Linear(inner, query_dim), nn.Identity())
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, L, C) attending to context (B, T, C_ctx) or to itself when None -> (B, L, C)."""
         q, k, v = self._project(x, context)  # (B, L, heads * d) each
         return self.to_out(attention(q, k, v, heads=self.heads, chunk_size=self.chunk_size))
 
@@ -346,6 +350,7 @@ class GEGLU(nn.Module):
         self.proj = nn.Linear(dim_in, dim_out * 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Gated GELU projection: (B, L, C) -> (B, L, C_out)."""
         x, gate = self.proj(x).chunk(2, dim=-1)  # the value half comes first, as sgm
         return x * F.gelu(gate)
 
@@ -363,6 +368,7 @@ class FeedForward(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, L, C) -> (B, L, C)."""
         return self.net(x)
 
 
@@ -380,6 +386,7 @@ class BasicTransformerBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """Self-attention, cross-attention on context (B, T, C_ctx), MLP: (B, L, C) -> (B, L, C)."""
         x = x + self.attn1(self.norm1(x))
         x = x + self.attn2(self.norm2(x), context)
         x = x + self.ff(self.norm3(x))
@@ -406,6 +413,7 @@ class SpatialTransformer(nn.Module):
         self.proj_out = nn.Linear(inner, channels) if use_linear else nn.Conv2d(inner, channels, 1)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """Transformer blocks over the pixels of x, with context (B, T, C_ctx): (B, C, H, W) -> (B, C, H, W)."""
         _, _, h, w = x.shape
         x_in = x
         x = self.norm(x)
@@ -435,6 +443,7 @@ class Downsample(nn.Module):
         self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, C, H/2, W/2)."""
         return self.op(x)
 
 
@@ -446,6 +455,7 @@ class Upsample(nn.Module):
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, C, 2H, 2W)."""
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
@@ -454,6 +464,7 @@ class TimestepEmbedSequential(nn.Sequential):
     timestep embedding and whose SpatialTransformers also get the context."""
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:  # type: ignore
+        """Each layer with what it takes (emb (B, E), context (B, T, C_ctx)): (B, C, H, W) -> (B, C', H', W')."""
         for layer in self:
             if isinstance(layer, ResBlock):
                 x = layer(x, emb)

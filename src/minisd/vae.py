@@ -201,6 +201,7 @@ class DiagonalGaussian:
         self.var = torch.exp(self.logvar)
 
     def mode(self) -> torch.Tensor:
+        """The most likely latent: the mean, (B, C, h, w)."""
         return self.mean
 
     def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -229,6 +230,7 @@ class ResnetBlock(nn.Module):
         self.nin_shortcut = nn.Conv2d(c_in, c_out, kernel_size=1) if c_in != c_out else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, C_out, H, W)."""
         # The reference's nonlinearity is x * sigmoid(x), i.e. SiLU.
         h = self.conv1(F.silu(self.norm1(x)))
         h = self.conv2(self.dropout(F.silu(self.norm2(h))))
@@ -251,6 +253,7 @@ class AttnBlock(nn.Module):
         self.proj_out = nn.Conv2d(channels, channels, kernel_size=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Single-head self-attention over the pixels, residual: (B, C, H, W) -> (B, C, H, W)."""
         _, _, h, w = x.shape
         n = self.norm(x)
         qkv = self.qkv(n).chunk(3, dim=1) if self.fused else (self.q(n), self.k(n), self.v(n))
@@ -269,6 +272,7 @@ class Downsample(nn.Module):
         self.conv = nn.Conv2d(channels, channels, kernel_size=3, stride=2, padding=0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, C, H/2, W/2)."""
         return self.conv(F.pad(x, (0, 1, 0, 1), mode="constant", value=0.0))
 
 
@@ -280,6 +284,7 @@ class Upsample(nn.Module):
         self.conv = nn.Conv2d(channels, channels, kernel_size=3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, C, 2H, 2W)."""
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
@@ -311,6 +316,7 @@ class Encoder(nn.Module):
         self.conv_out = nn.Conv2d(c, 2 * cfg.z_channels, kernel_size=3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, H, W) -> posterior moments (B, 2 z, H/f, W/f)."""
         h = self.conv_in(x)
         # down: full resolution first, halving after every level but the last
         for level in self.down:
@@ -345,6 +351,7 @@ class Decoder(nn.Module):
         self.conv_out = nn.Conv2d(c, cfg.out_ch, kernel_size=3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """Latents (B, z, h, w) -> images (B, 3, h f, w f)."""
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(self.conv_in(z))))
         # up: lowest resolution first, i.e. up[-1], ..., up[0]
         for level in reversed(self.up):
@@ -375,6 +382,7 @@ class AutoencoderKL(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
+        """The parameter dtype."""
         return next(self.parameters()).dtype
 
     # -- public API

@@ -342,3 +342,24 @@ def test_diffusers_folder_appears_only_when_complete(tiny_model, tmp_path, monke
     assert "model_index.json" in listing(tmp_path / "export") and listing(tmp_path) == ["export"]
     assert not [p for p in (tmp_path / "export").rglob(".minisd-*")]
     minisd.load(tmp_path / "export")
+
+
+@pytest.mark.reliability(
+    "files written", "Ctrl-C the instant after the temporary file or folder is created (before any write)",
+    "`KeyboardInterrupt`, and no temporary file or folder is left behind",
+)
+@pytest.mark.parametrize("kind", ["file", "folder"])
+def test_interrupt_right_after_the_temporary_is_created_leaves_nothing(kind, tmp_path, monkeypatch):
+    """A signal arrives between any two bytecodes: here just after the temporary exists (in the fstat
+    after the O_EXCL open, or the first step of the block), before the code holding its name returns."""
+    if kind == "file":
+        def fstat(fd):
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(files.os, "fstat", fstat)
+        with pytest.raises(KeyboardInterrupt):
+            files.atomic_write(tmp_path / "a.png", lambda tmp: tmp.write_bytes(b"x"), overwrite=False)
+    else:
+        with pytest.raises(KeyboardInterrupt), files.atomic_folder(tmp_path / "model", overwrite=False):
+            raise KeyboardInterrupt
+    assert listing(tmp_path) == []

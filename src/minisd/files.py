@@ -87,18 +87,18 @@ def check_source(path: str | Path) -> Path:
     return path
 
 
-def _create_temporary(folder: Path) -> tuple[Path, int]:
-    """A new empty file in `folder` that nobody else has: its path and the mode (0o666 less the umask)."""
-    while True:
-        tmp = folder / f"{_PREFIX}{secrets.token_hex(8)}{_SUFFIX}"
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # O_EXCL: never an existing file
-        except FileExistsError:
-            continue
-        try:
-            return tmp, stat.S_IMODE(os.fstat(fd).st_mode)
-        finally:
-            os.close(fd)
+def _temporary_name(folder: Path) -> Path:
+    """A fresh name in `folder` for a temporary file or folder (64 random bits: a clash is ~2**-64)."""
+    return folder / f"{_PREFIX}{secrets.token_hex(8)}{_SUFFIX}"
+
+
+def _create_exclusive(tmp: Path) -> int:
+    """Create the empty file `tmp`, never an existing one (O_EXCL); its mode (0o666 less the umask)."""
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        return stat.S_IMODE(os.fstat(fd).st_mode)
+    finally:
+        os.close(fd)
 
 
 def _is_temporary(filename: object) -> bool:
@@ -150,7 +150,14 @@ def atomic_write(path: str | Path, write: Callable[[Path], None], *, overwrite: 
     check_destination(path, overwrite=overwrite)
     tmp: Path | None = None
     try:
-        tmp, mode = _create_temporary(path.parent)
+        # The name is recorded before the file exists, so a Ctrl-C at any point from here on (signals
+        # arrive between any two bytecodes) finds it in `finally` and removes it.
+        while tmp is None:
+            tmp = _temporary_name(path.parent)
+            try:
+                mode = _create_exclusive(tmp)
+            except FileExistsError:  # somebody else's file: not ours to remove
+                tmp = None
         if path.exists():
             mode = stat.S_IMODE(path.stat().st_mode)  # a replaced file keeps its permissions
         write(tmp)
@@ -187,17 +194,18 @@ def atomic_folder(path: str | Path, *, overwrite: bool) -> Iterator[Path]:
     if path.is_dir():
         yield path
         return
-    while True:
-        tmp = path.parent / f"{_PREFIX}{secrets.token_hex(8)}{_SUFFIX}"
-        try:
-            tmp.mkdir()  # the umask applies, as to any new folder
-            break
-        except FileExistsError:
-            continue
+    tmp: Path | None = None
     try:
+        while tmp is None:  # named before it exists, as in `atomic_write`, so an interrupt leaves nothing
+            tmp = _temporary_name(path.parent)
+            try:
+                tmp.mkdir()  # the umask applies, as to any new folder
+            except FileExistsError:  # somebody else's: not ours to remove
+                tmp = None
         yield tmp
         os.rename(tmp, path)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # all of it was written by the block
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)  # all of it was written by the block
         raise
     _fsync_folder(path.parent)

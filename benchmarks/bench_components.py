@@ -68,6 +68,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     DTYPES,
+    MINISD_OPTS,
     Spec,
     apply_minisd_opts,
     apply_ref_opts,
@@ -117,7 +118,7 @@ def reference_name(item: str) -> str:
 
 def sides_of(args: argparse.Namespace) -> list[str]:
     """"minisd", one "minisd+opts" per --minisd-opts variant, "reference", one "reference+opts" per --ref-opts."""
-    extra = [("minisd", v) for v in parse_variants(args.minisd_opts)] + [("reference", v)
+    extra = [("minisd", v) for v in parse_variants(args.minisd_opts, tuple(MINISD_OPTS))] + [("reference", v)
                                                                           for v in parse_variants(args.ref_opts)]
     return ["minisd", "reference"] + [f"{who}+{','.join(v)}" for who, v in extra]
 
@@ -241,7 +242,7 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=77, help="CLIP sequence length")
     p.add_argument("--batch", type=int, default=1, help="batch (2 = a guided step's cond + uncond)")
     p.add_argument("--minisd-opts", default="", help='extra minisd sides, e.g. "fused;fused,channels_last" '
-                   "(each of fused, channels_last, compile)")
+                   "(each of: " + ", ".join(MINISD_OPTS) + ")")
     p.add_argument("--ref-opts", default="", help="extra reference sides, the same syntax")
     p.add_argument("--warmup", type=int, default=1, help="untimed calls per side")
     p.add_argument("--repeats", type=int, default=5, help="timed calls per side (the median is reported)")

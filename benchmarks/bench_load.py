@@ -209,6 +209,16 @@ def file_sums(path: Path) -> dict[str, float]:
 
 
 # --------------------------------------------------------------------------- one load, in a subprocess
+# minisd's sides: `minisd.load` keyword arguments (besides dtype=float16).
+MINISD_SIDES = {
+    "minisd": {},  # the default: every tensor copied out of the file, the VAE in fp32 (minisd's vae_dtype)
+    "minisd-fp16vae": {"vae_dtype": "float16"},  # all fp16, as diffusers' torch_dtype=float16 loads it
+    # tensors left as views of the file's memory map, as diffusers leaves them (the VAE's cast from the map)
+    "minisd-mmap": {"mmap": True},
+    "minisd-mmap-fp16vae": {"mmap": True, "vae_dtype": "float16"},  # zero-copy throughout, like diffusers
+}
+
+
 def worker(side: str, path: str, config: str) -> dict:
     t0 = time.perf_counter()
     import torch
@@ -222,11 +232,9 @@ def worker(side: str, path: str, config: str) -> dict:
     reset = reset_peak_rss()
 
     t0 = time.perf_counter()
-    if side == "minisd":
-        model = minisd.load(path, dtype=torch.float16)  # the VAE stays fp32 (minisd's default vae_dtype)
-        parts = {"unet": model.unet, "vae": model.vae, "text": model.text_encoders[0]}
-    elif side == "minisd-fp16vae":
-        model = minisd.load(path, dtype=torch.float16, vae_dtype=torch.float16)  # all fp16, as diffusers
+    if side.startswith("minisd"):
+        kwargs = {k: getattr(torch, v) if k == "vae_dtype" else v for k, v in MINISD_SIDES[side].items()}
+        model = minisd.load(path, dtype=torch.float16, **kwargs)
         parts = {"unet": model.unet, "vae": model.vae, "text": model.text_encoders[0]}
     else:
         pipe = StableDiffusionPipeline.from_single_file(
@@ -283,7 +291,7 @@ def main() -> None:
     p.add_argument("--bare", action="store_true", help="weights only: no DDPM buffers, no position_ids")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sides", default="minisd,diffusers",
-                   help="comma-separated: minisd (VAE in fp32, minisd's default), minisd-fp16vae, diffusers")
+                   help="comma-separated: diffusers and MINISD_SIDES' names (minisd: the default load, VAE in fp32)")
     p.add_argument("--rounds", type=int, default=1, help="loads per side, alternating which side goes first")
     p.add_argument("--json", type=Path, help="also write the raw results here")
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -294,8 +302,8 @@ def main() -> None:
         return
 
     sides = [s.strip() for s in args.sides.split(",") if s.strip()]
-    if not set(sides) <= {"minisd", "minisd-fp16vae", "diffusers"}:
-        p.error(f"--sides must name minisd, minisd-fp16vae and/or diffusers, got {sides}")
+    if not set(sides) <= {*MINISD_SIDES, "diffusers"}:
+        p.error(f"--sides must name some of {', '.join(MINISD_SIDES)}, diffusers; got {sides}")
     if args.regenerate or not args.path.exists():
         print(f"writing {args.path} (random weights) ...", file=sys.stderr, flush=True)
         t0 = time.perf_counter()

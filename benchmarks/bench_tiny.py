@@ -46,20 +46,22 @@ PROMPT = "a small white square in the top left on a green background"
 NEGATIVE = "a red circle"
 
 
+# minisd's pipeline-level switches (`StableDiffusion` methods; channels_last is the plain PyTorch call).
+SD_OPTS = {
+    "fused": lambda sd: sd.fuse_projections(),
+    "channels_last": lambda sd: (sd.unet.to(memory_format=torch.channels_last),
+                                 sd.vae.to(memory_format=torch.channels_last)),
+    "packed": lambda sd: sd.pack_convolutions(),
+    "subpixel": lambda sd: sd.subpixel_upsampling(),
+    "compile": lambda sd: sd.compile(),
+}
+
+
 def apply_sd_opts(sd: minisd.StableDiffusion, opts: tuple[str, ...]) -> list[str]:
-    """minisd's pipeline-level switches, where they exist (`sd.fuse_projections()`, `sd.channels_last()`,
-    `sd.compile()`); returns notes for those that do not exist yet."""
-    skipped = []
+    """Apply `opts` (names in `SD_OPTS`) to `sd`, in order; returns notes on skipped ones (none)."""
     for opt in opts:
-        method = {"fused": "fuse_projections", "channels_last": "channels_last", "compile": "compile"}[opt]
-        if hasattr(sd, method):
-            getattr(sd, method)()
-        elif opt == "channels_last":  # the plain PyTorch way on the conv networks
-            sd.unet.to(memory_format=torch.channels_last)
-            sd.vae.to(memory_format=torch.channels_last)
-        else:
-            skipped.append(f"{opt} (no StableDiffusion.{method} yet)")
-    return skipped
+        SD_OPTS[opt](sd)
+    return []
 
 
 def diffusers_pipe(folder: Path):
@@ -112,7 +114,7 @@ def main() -> None:
     pipe = diffusers_pipe(folder)
     schedule = DiscreteSchedule.from_alphas_cumprod(pipe.scheduler.alphas_cumprod)
 
-    variants = [()] + parse_variants(args.minisd_opts)
+    variants = [()] + parse_variants(args.minisd_opts, tuple(SD_OPTS))
     models, notes = {}, []
     for opts in variants:
         sd = minisd.load(minisd.TINY)

@@ -11,22 +11,34 @@ large enough that every layer does real work, small enough that fp16 stays finit
 Full-size models are built on the meta device and materialised directly on the
 target device, so a GPU run never generates billions of numbers on the CPU.
 
+The GPU scripts' shared parts are at the end: their report (markdown tables, notes and a JSON
+copy, rewritten after every item), its environment header, their options and the item runner.
+
 Only the benchmarks import this module (it needs diffusers / transformers).
 """
 
 from __future__ import annotations
 
+import argparse
 import functools
+import gc
+import json
 import math
+import os
+import platform
+import tempfile
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from minisd import clip as mclip
+from minisd import speed
 from minisd import unet as munet
 from minisd import vae as mvae
 from minisd.diffusers_format import text_to_hf, unet_table, unet_to_diffusers, vae_table, vae_to_diffusers
@@ -150,55 +162,38 @@ def build_theirs(spec: Spec, ours_sd: dict[str, torch.Tensor], device: str | tor
 
 # --------------------------------------------------------------------------- optimisations
 # What `--minisd-opts` / `--ref-opts` can switch on, each measured against the plain model in the same run.
-OPTS = ("fused", "channels_last", "compile")
+OPTS = ("fused", "channels_last", "compile")  # what both sides have; minisd's own: MINISD_OPTS
 
 
-def parse_variants(text: str) -> list[tuple[str, ...]]:
+def parse_variants(text: str, allowed: tuple[str, ...] = OPTS) -> list[tuple[str, ...]]:
     """"fused;fused,channels_last" -> [("fused",), ("fused", "channels_last")]: one extra side per variant."""
     variants = []
     for part in text.split(";"):
         opts = tuple(o.strip() for o in part.split(",") if o.strip())
-        unknown = [o for o in opts if o not in OPTS]
+        unknown = [o for o in opts if o not in allowed]
         if unknown:
-            raise ValueError(f"unknown optimisation(s) {unknown}; expected some of {list(OPTS)}")
+            raise ValueError(f"unknown optimisation(s) {unknown}; expected some of {list(allowed)}")
         if opts:
             variants.append(opts)
     return variants
 
 
-def _speed_function(name: str):
-    """`minisd.speed.<name>` if that module (being written alongside these benchmarks) has it, else None."""
-    try:
-        from minisd import speed
-    except ImportError:
-        return None
-    return getattr(speed, name, None)
+# minisd's speed options (`--minisd-opts`), each a function of the module (docs/performance.md).
+MINISD_OPTS = {
+    "fused": speed.fuse_projections,  # one GEMM for q/k/v (self-attention) and k/v (cross-attention)
+    "channels_last": speed.channels_last,  # NHWC weights, so every conv runs on the NHWC kernels
+    "packed": speed.pack_convolutions,  # conv weights in oneDNN's blocked layout, packed once (CPU)
+    "subpixel": speed.subpixel_upsampling,  # nearest x2 + 3x3 conv as one 2x2 conv on the input, 2.25x fewer FLOPs
+    "compile": speed.compile_module,  # torch.compile(fullgraph=True)
+}
 
 
 def apply_minisd_opts(model: nn.Module, opts: tuple[str, ...]) -> tuple[nn.Module, list[str]]:
-    """`model` with minisd's optimisations `opts` applied, and a note for each one not available (skipped).
-
-    Looked up by name, so this runs before and after they land: `minisd.speed.fuse_projections(module)`
-    (or a `fuse_projections()` method), `minisd.speed.channels_last(module)` (else the plain
-    `module.to(memory_format=torch.channels_last)`), `minisd.speed.compile_module(module)` (else
-    `torch.compile(module, fullgraph=True)`)."""
-    skipped = []
+    """`model` with minisd's optimisations `opts` applied (in place), in the order given, by name:
+    `MINISD_OPTS` (`minisd.speed`). The second value lists options skipped (none: kept for the callers)."""
     for opt in opts:
-        if opt == "fused":
-            fn = _speed_function("fuse_projections") or getattr(model, "fuse_projections", None)
-            if fn is None:
-                skipped.append("fused (no minisd.speed.fuse_projections yet)")
-            elif fn is getattr(model, "fuse_projections", None):
-                fn()
-            else:
-                model = fn(model) or model
-        elif opt == "channels_last":
-            fn = _speed_function("channels_last")
-            model = (fn(model) or model) if fn else model.to(memory_format=torch.channels_last)
-        elif opt == "compile":
-            fn = _speed_function("compile_module")
-            model = fn(model) if fn else torch.compile(model, fullgraph=True)
-    return model, skipped
+        model = MINISD_OPTS[opt](model) or model
+    return model, []
 
 
 def apply_ref_opts(model: nn.Module, opts: tuple[str, ...]) -> tuple[nn.Module, list[str]]:
@@ -314,26 +309,68 @@ def sync(device: torch.device | str) -> None:
         torch.cuda.synchronize()
 
 
+def event_seconds(fn: Callable[[], Any], device: str | torch.device) -> float:
+    """One call's seconds: CUDA events on a GPU (the device's own time), perf_counter on a CPU."""
+    if torch.device(device).type != "cuda":
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3
+
+
+def wall_seconds(fn: Callable[[], Any], device: str | torch.device) -> float:
+    """One call's wall-clock seconds between two syncs: the host's work counts too (whole pipelines)."""
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0
+
+
 def time_runs(fn: Callable[[], Any], device: str | torch.device, *, warmup: int, repeats: int) -> list[float]:
-    """Seconds per call after `warmup` untimed calls: CUDA events on a GPU, perf_counter on a CPU."""
+    """Seconds per call after `warmup` untimed calls (`event_seconds`)."""
     for _ in range(warmup):
         fn()
     sync(device)
-    times = []
-    cuda = torch.device(device).type == "cuda"
-    for _ in range(repeats):
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
+    return [event_seconds(fn, device) for _ in range(repeats)]
+
+
+def interleaved(calls: dict[str, Callable[[], Any]], device: str, warmup: int, repeats: int,
+                timer: Callable[[Callable[[], Any], str], float] = wall_seconds) -> dict[str, list[float]]:  # fmt: skip
+    """Seconds per call of each side, the sides alternating (A B, B A, ...) so that drift (clocks, heat)
+    falls on both alike; the first `warmup` rounds are not kept."""
+    sides = list(calls)
+    times: dict[str, list[float]] = {s: [] for s in sides}
+    for i in range(warmup + repeats):
+        for side in sides if i % 2 == 0 else sides[::-1]:
+            t = timer(calls[side], device)
+            if i >= warmup:
+                times[side].append(t)
     return times
+
+
+def peak_extra(fn: Callable[[], Any], device: str) -> int | None:
+    """Peak CUDA memory of one call above what was allocated before it (weights, inputs); None on a CPU."""
+    if device != "cuda":
+        return None
+    free(device)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+def free(device: str) -> None:
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
 
 
 def median(xs: list[float]) -> float:
@@ -350,3 +387,91 @@ def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- the GPU scripts' reports
+class Report:
+    """Markdown tables and notes under a header (`environment`), rewritten with a JSON copy of the raw rows
+    after every item (`attempt`), so an interrupted run still leaves what it measured: DIR/`md`, DIR/`json`."""
+
+    def __init__(self, out: Path, header: str, md: str, json_name: str) -> None:
+        self.out, self.header, self.md, self.json = out, header, md, json_name
+        self.tables: dict[str, tuple[list[str], list[list[str]]]] = {}  # title -> (columns, rows)
+        self.notes: list[str] = []
+        self.raw: dict = {"items": [], "notes": self.notes}
+
+    def add(self, table: str, header: list[str], row: list, raw: dict) -> None:
+        """A row of the table titled `table` (made with `header` on first use) and its raw numbers."""
+        self.tables.setdefault(table, (header, []))[1].append([str(c) for c in row])
+        self.raw["items"].append(dict(raw, table=table))
+
+    def text(self) -> str:
+        parts = [self.header.rstrip("\n")]
+        for title, (header, rows) in self.tables.items():
+            parts += [f"\n## {title}\n", markdown_table(header, rows)]
+        if self.notes:
+            parts.append("\n## Notes\n\n" + "\n".join(f"- {n}" for n in self.notes))
+        return "\n".join(parts) + "\n"
+
+    def flush(self) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / self.md).write_text(self.text())
+        (self.out / self.json).write_text(json.dumps(self.raw, indent=1, default=str))
+
+
+def environment(device: str, *gpu_lines: str) -> str:
+    """The report's header lines: versions, then the GPU (and `gpu_lines`) and its backend flags, or the CPU."""
+    import diffusers
+    import transformers
+
+    lines = [f"python {platform.python_version()}, torch {torch.__version__}, diffusers {diffusers.__version__}, "
+             f"transformers {transformers.__version__}"]  # fmt: skip
+    if device == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        lines.append(f"GPU: {props.name}, {props.total_memory / 2**30:.0f} GiB, {props.multi_processor_count} SMs, "
+                     f"CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}")  # fmt: skip
+        lines += gpu_lines
+        b = torch.backends
+        lines.append(f"flags: cuda.matmul.allow_tf32={b.cuda.matmul.allow_tf32}, "
+                     f"cudnn.allow_tf32={b.cudnn.allow_tf32}, cudnn.benchmark={b.cudnn.benchmark}")  # fmt: skip
+    else:
+        lines.append(f"CPU: {platform.machine()}, {os.cpu_count()} logical CPUs, {torch.get_num_threads()} threads")
+    return "\n".join(f"- {ln}" for ln in lines)
+
+
+def script_parser(doc: str, out_name: str) -> argparse.ArgumentParser:
+    """The options every GPU script has: `--out` (default $OUT, the folder the device runner brings back,
+    else a temporary folder named `out_name`) and `--smoke` (tiny models on the CPU: checks the script)."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    default_out = Path(os.environ.get("OUT") or Path(tempfile.gettempdir()) / out_name)
+    p.add_argument("--out", type=Path, default=default_out, help="report folder (default: $OUT, else a temp folder)")
+    p.add_argument("--smoke", action="store_true", help="tiny models on the CPU, to check the script itself")
+    return p
+
+
+def script_device(p: argparse.ArgumentParser, smoke: bool) -> str:
+    """The device: the CPU for a smoke run, else CUDA (an argparse error when there is none)."""
+    device = "cpu" if smoke else "cuda"
+    if device == "cuda" and not torch.cuda.is_available():
+        p.error("no CUDA device (use --smoke for the CPU check of the script)")
+    torch.set_flush_denormal(True)  # CPU (smoke) only; no effect on CUDA kernels
+    return device
+
+
+def attempt(report: Report, what: str, device: str, t_start: float, fn: Callable[..., Any], *args: Any) -> None:
+    """Run one item of a GPU script, `fn(*args)`. A failure goes into the report's notes (its traceback to stdout) and
+    the run goes on: one broken item must not lose the others. Then memory is freed (compiled graphs
+    hold their modules' weights), the item's seconds recorded and the report rewritten."""
+    t0 = time.perf_counter()
+    print(f"[{t0 - t_start:6.1f} s] {what} ...", flush=True)
+    try:
+        fn(*args)
+    except Exception as e:
+        tb = traceback.format_exc().strip().splitlines()
+        report.notes.append(f"{what} FAILED: {type(e).__name__}: {e} ({' | '.join(tb[-4:])})")
+        print(traceback.format_exc(), flush=True)
+    finally:
+        torch._dynamo.reset()
+        free(device)
+    report.raw.setdefault("seconds", {})[what] = time.perf_counter() - t0
+    report.flush()

@@ -35,16 +35,9 @@ cuDNN) differ from the CPU's; the speed numbers are the point of running here.
 
 from __future__ import annotations
 
-import argparse
-import gc
-import json
 import math
-import os
-import platform
 import sys
-import tempfile
 import time
-import traceback
 from pathlib import Path
 
 import torch
@@ -53,19 +46,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     DTYPES,
     FOURIER,
+    Report,
     Spec,
+    attempt,
     build_ours,
     build_theirs,
     call_ours,
     call_theirs,
+    environment,
+    event_seconds,
+    free,
+    interleaved,
     make_inputs,
-    markdown_table,
     median,
     meta_ours,
     param_bytes,
+    peak_extra,
     random_state_dict,
     rel_err,
-    time_runs,
+    script_device,
+    script_parser,
 )
 from minisd.clip import CLIP_VIT_L14, TextConfig  # noqa: E402
 from minisd.unet import SD1_UNET, SDXL_BASE_UNET, UNetConfig  # noqa: E402
@@ -111,36 +111,11 @@ SPEED_SMOKE = [
 ]
 
 
-class Report:
-    """Collects rows and rewrites the markdown report (and JSON) after every item."""
-
-    def __init__(self, out: Path, header: str) -> None:
-        self.out, self.header = out, header
-        self.parity: list[list[str]] = []
-        self.speed: list[list[str]] = []
-        self.notes: list[str] = []
-        self.raw: dict = {"parity": [], "speed": [], "notes": self.notes}
-
-    def text(self) -> str:
-        parts = [self.header]
-        if self.parity:
-            parts.append("## (a) Parity: max|a - b| / max|b| (TF32 off)\n")
-            parts.append(markdown_table(
-                ["model", "inputs", "dtype", "**minisd vs ref, same dtype**", "minisd vs ref fp32", "ref vs ref fp32"],
-                self.parity))
-        if self.speed:
-            parts.append("\n## (b) Speed: median per call, CUDA events (PyTorch default backend flags)\n")
-            parts.append(markdown_table(
-                ["model", "inputs", "dtype", "minisd", "reference", "**minisd / ref**", "minisd peak extra",
-                 "ref peak extra", "weights (shared)", "output rel diff"], self.speed))
-        if self.notes:
-            parts.append("\n## Notes\n\n" + "\n".join(f"- {n}" for n in self.notes))
-        return "\n".join(parts) + "\n"
-
-    def flush(self) -> None:
-        self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "gpu_report.md").write_text(self.text())
-        (self.out / "gpu_results.json").write_text(json.dumps(self.raw, indent=1, default=str))
+PARITY = "(a) Parity: max|a - b| / max|b| (TF32 off)"
+PARITY_COLUMNS = ["model", "inputs", "dtype", "**minisd vs ref, same dtype**", "minisd vs ref fp32", "ref vs ref fp32"]
+SPEED = "(b) Speed: median per call, CUDA events (PyTorch default backend flags)"
+SPEED_COLUMNS = ["model", "inputs", "dtype", "minisd", "reference", "**minisd / ref**", "minisd peak extra",
+                 "ref peak extra", "weights (shared)", "output rel diff"]  # fmt: skip
 
 
 def fmt_rel(x: float) -> str:
@@ -157,12 +132,6 @@ def inputs_label(spec: Spec, batch: int, size: int) -> str:
     if spec.kind == "vae-encode":
         return f"{batch}x3x{size}x{size} image"
     return f"{batch}x{spec.config.in_channels if spec.kind == 'unet' else spec.config.embed_dim}x{size}x{size} latent"
-
-
-def free(device: str) -> None:
-    gc.collect()
-    if device == "cuda":
-        torch.cuda.empty_cache()
 
 
 # --------------------------------------------------------------------------- (a) parity
@@ -191,31 +160,15 @@ def parity_item(spec: Spec, batch: int, size: int, device: str, report: Report) 
         row = dict(model=spec.label, inputs=inputs_label(spec, batch, size), dtype=name,
                    minisd_vs_ref=rel_err(o["minisd"], o["ref"]), minisd_vs_ref32=rel_err(o["minisd"], ref32),
                    ref_vs_ref32=rel_err(o["ref"], ref32), max_abs_ref=o["ref"].abs().max().item())
-        report.raw["parity"].append(row)
-        report.parity.append([row["model"], row["inputs"], name, f"**{fmt_rel(row['minisd_vs_ref'])}**",
-                              fmt_rel(row["minisd_vs_ref32"]) if name != "fp32" else "",
-                              fmt_rel(row["ref_vs_ref32"]) if name != "fp32" else ""])
+        report.add(PARITY, PARITY_COLUMNS, [row["model"], row["inputs"], name, f"**{fmt_rel(row['minisd_vs_ref'])}**",
+                                            fmt_rel(row["minisd_vs_ref32"]) if name != "fp32" else "",
+                                            fmt_rel(row["ref_vs_ref32"]) if name != "fp32" else ""], row)
     if upcast:
         report.notes.append(f"{spec.label}: minisd's VAE overflowed in {upcast} and upcast itself to fp32 "
                             "(its documented fallback); the reference stayed in half precision.")
 
 
 # --------------------------------------------------------------------------- (b) speed
-def peak_extra(call, inputs: dict, device: str) -> int | None:
-    """Peak CUDA memory of one call above what is allocated before it (weights, inputs)."""
-    if device != "cuda":
-        return None
-    free(device)
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    with torch.inference_mode():
-        out = call(inputs)
-        torch.cuda.synchronize()
-    del out
-    return torch.cuda.max_memory_allocated() - base
-
-
 def speed_item(spec: Spec, batch: int, size: int, dtype_name: str, device: str, warmup: int, repeats: int,
                report: Report) -> None:
     dtype = DTYPES[dtype_name]
@@ -226,71 +179,38 @@ def speed_item(spec: Spec, batch: int, size: int, dtype_name: str, device: str, 
     theirs = build_theirs(spec, ours.state_dict(), device)  # shared tensors: no second copy
     inp = make_inputs(spec, batch=batch, size=size, device=device, dtype=dtype)
     calls = {"minisd": call_ours(spec, ours), "ref": call_theirs(spec, theirs)}
-    times: dict[str, list[float]] = {"minisd": [], "ref": []}
+    runs = {side: (lambda call=call: call(inp)) for side, call in calls.items()}
     with torch.inference_mode():
-        for i in range(warmup + repeats):
-            for side in ("minisd", "ref") if i % 2 == 0 else ("ref", "minisd"):
-                t = time_runs(lambda side=side: calls[side](inp), device, warmup=0, repeats=1)[0]
-                if i >= warmup:
-                    times[side].append(t)
-        err = rel_err(calls["minisd"](inp), calls["ref"](inp))
-    peaks = {side: peak_extra(calls[side], inp, device) for side in ("minisd", "ref")}
+        times = interleaved(runs, device, warmup, repeats, timer=event_seconds)
+        err = rel_err(runs["minisd"](), runs["ref"]())
+        peaks = {side: peak_extra(run, device) for side, run in runs.items()}
     if spec.kind.startswith("vae") and ours.dtype != dtype:
         report.notes.append(f"speed {spec.label} {dtype_name}: minisd's VAE overflowed and upcast itself to "
                             f"{ours.dtype}, so its times are not {dtype_name} times.")
     med = {s: median(t) for s, t in times.items()}
     row = dict(model=spec.label, inputs=inputs_label(spec, batch, size), dtype=dtype_name, times=times,
                median=med, ratio=med["minisd"] / med["ref"], peak_extra=peaks, weights=param_bytes(ours), rel_err=err)
-    report.raw["speed"].append(row)
-    report.speed.append([spec.label, row["inputs"], dtype_name, f"{med['minisd'] * 1e3:.1f} ms",
-                         f"{med['ref'] * 1e3:.1f} ms", f"**{row['ratio']:.3f}**", mib(peaks["minisd"]),
-                         mib(peaks["ref"]), mib(row["weights"]), fmt_rel(err)])
+    report.add(SPEED, SPEED_COLUMNS, [spec.label, row["inputs"], dtype_name, f"{med['minisd'] * 1e3:.1f} ms",
+                                      f"{med['ref'] * 1e3:.1f} ms", f"**{row['ratio']:.3f}**", mib(peaks["minisd"]),
+                                      mib(peaks["ref"]), mib(row["weights"]), fmt_rel(err)], row)
 
 
 # --------------------------------------------------------------------------- driver
-def environment(device: str) -> str:
-    import diffusers
-    import transformers
-
-    lines = [f"python {platform.python_version()}, torch {torch.__version__}, diffusers {diffusers.__version__}, "
-             f"transformers {transformers.__version__}"]
-    if device == "cuda":
-        props = torch.cuda.get_device_properties(0)
-        lines.append(f"GPU: {props.name}, {props.total_memory / 2**30:.0f} GiB, {props.multi_processor_count} SMs, "
-                     f"CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}")
-        b = torch.backends
-        flags = (f"cuda.matmul.allow_tf32={b.cuda.matmul.allow_tf32}, cudnn.allow_tf32={b.cudnn.allow_tf32}, "
-                 f"cudnn.benchmark={b.cudnn.benchmark}")
-        lines.append(f"default flags: {flags}")
-    else:
-        threads = torch.get_num_threads()
-        lines.append(f"CPU: {platform.machine()}, {os.cpu_count()} logical CPUs, {threads} torch threads")
-    return "\n".join(f"- {ln}" for ln in lines)
-
-
 def main() -> None:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    default_out = Path(os.environ.get("OUT") or Path(tempfile.gettempdir()) / "minisd_gpu_check")
-    p.add_argument("--out", type=Path, default=default_out, help="report folder (default: $OUT, else a temp folder)")
-    p.add_argument("--smoke", action="store_true", help="tiny models on the CPU, to check the script itself")
+    p = script_parser(__doc__, "minisd_gpu_check")
     p.add_argument("--warmup", type=int, default=None, help="untimed calls per side (default 5; smoke 1)")
     p.add_argument("--repeats", type=int, default=None, help="timed calls per side (default 20; smoke 3)")
     p.add_argument("--budget-s", type=float, default=330, help="skip the remaining items after this many seconds")
     p.add_argument("--skip", default="", help="comma-separated: parity, speed")
     args = p.parse_args()
     t_start = time.perf_counter()
-    device = "cpu" if args.smoke else "cuda"
-    if device == "cuda" and not torch.cuda.is_available():
-        p.error("no CUDA device (use --smoke for the CPU check of the script)")
+    device = script_device(p, args.smoke)
     warmup = args.warmup if args.warmup is not None else (1 if args.smoke else 5)
     repeats = args.repeats if args.repeats is not None else (3 if args.smoke else 20)
-    torch.set_flush_denormal(True)  # CPU (smoke) only; no effect on CUDA kernels
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
 
     title = "# minisd GPU check" + (" (SMOKE: tiny models on the CPU)" if args.smoke else "")
-    report = Report(args.out, f"{title}\n\n{environment(device)}\n")
+    report = Report(args.out, f"{title}\n\n{environment(device)}\n", "gpu_report.md", "gpu_results.json")
     report.flush()
 
     def over_budget(what: str) -> bool:
@@ -300,20 +220,6 @@ def main() -> None:
             return True
         return False
 
-    def attempt(what: str, fn, *a) -> None:
-        t0 = time.perf_counter()
-        print(f"[{time.perf_counter() - t_start:6.1f} s] {what} ...", flush=True)
-        try:
-            fn(*a)
-        except Exception as e:  # keep going: one broken item must not lose the others
-            tb = traceback.format_exc().strip().splitlines()
-            report.notes.append(f"{what} FAILED: {type(e).__name__}: {e} ({' | '.join(tb[-4:])})")
-            print(traceback.format_exc(), flush=True)
-        finally:
-            free(device)
-        report.raw.setdefault("seconds", {})[what] = time.perf_counter() - t0
-        report.flush()
-
     if "parity" not in skip:
         # fp32 parity means fp32: TF32 off for matmuls and convolutions, restored after.
         saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
@@ -321,7 +227,7 @@ def main() -> None:
         for spec, batch, size in PARITY_SMOKE if args.smoke else PARITY_FULL:
             if over_budget(f"parity {spec.label}"):
                 break
-            attempt(f"parity {spec.label}", parity_item, spec, batch, size, device, report)
+            attempt(report, f"parity {spec.label}", device, t_start, parity_item, spec, batch, size, device, report)
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
     if "speed" not in skip:
@@ -329,7 +235,8 @@ def main() -> None:
             what = f"speed {spec.label} {dtype} {inputs_label(spec, batch, size)}"
             if over_budget(what):
                 break
-            attempt(what, speed_item, spec, batch, size, dtype, device, warmup, repeats, report)
+            item = (spec, batch, size, dtype, device, warmup, repeats, report)
+            attempt(report, what, device, t_start, speed_item, *item)
 
     report.notes.append(f"total {time.perf_counter() - t_start:.0f} s; warm-up {warmup}, repeats {repeats} per side")
     report.flush()

@@ -17,13 +17,15 @@ its estimated duration still ends before `--deadline-s` (540). Items, in order o
    dense fp16/bf16 tensor FLOP/s (from the device name; see PEAK_TFLOPS);
 2. precision: each side's fp16 and bf16 latents against its own fp32 latents (TF32
    off), and minisd's against diffusers' in each dtype;
-3. compiled, fp16: minisd `sd.compile()` (or, before it exists, `torch.compile(sd.unet,
-   fullgraph=True)`) against diffusers' `pipe.unet = torch.compile(pipe.unet)`; the
-   first call (compilation included) is timed too;
-4. model offload, fp16: minisd `sd.enable_model_offload()` against diffusers
+3. eager with each side's speed options, fp16: minisd `fuse_projections`,
+   `subpixel_upsampling` and channels_last against diffusers' `fuse_qkv_projections` and
+   channels_last (`minisd_options`, `diffusers_options`);
+4. compiled, fp16: those options, then minisd `sd.compile()` against diffusers'
+   `pipe.unet = torch.compile(pipe.unet)`; the first call (compilation included) is timed too;
+5. model offload, fp16: minisd `sd.enable_model_offload()` against diffusers
    `pipe.enable_model_cpu_offload()`, weights starting on the CPU: seconds per image
    (prompt to decoded image) and peak VRAM;
-5. compiled, bf16.
+6. compiled, bf16.
 
 The same weights: one set of fp32 random weights per model (seeded normals, std 0.02,
 drawn on the device; see common.py), cast once per dtype; diffusers' modules receive
@@ -35,15 +37,9 @@ this on tiny models). Calls are interleaved (A B, B A, ...) after warm-up calls.
 
 from __future__ import annotations
 
-import argparse
-import gc
-import json
-import os
-import platform
 import sys
 import tempfile
 import time
-import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,15 +47,24 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
+    DTYPES,
     FOURIER,
+    Report,
     Spec,
+    attempt,
     build_ours,
     build_theirs,
-    markdown_table,
+    environment,
+    free,
+    interleaved,
     median,
     meta_ours,
+    peak_extra,
     random_state_dict,
     rel_err,
+    script_device,
+    script_parser,
+    wall_seconds,
 )
 from minisd import clip as mclip  # noqa: E402
 from minisd import unet as munet  # noqa: E402
@@ -75,7 +80,6 @@ PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("GH200",
 OFFICIAL = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
                 steps_offset=1, timestep_spacing="leading", prediction_type="epsilon")
 PROMPT = "a photograph of an astronaut riding a horse"
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -192,45 +196,6 @@ def write_tokenizers(folder: Path) -> Path:
 
 
 # --------------------------------------------------------------------------- measuring
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def seconds(fn, device: str) -> float:
-    sync(device)
-    t0 = time.perf_counter()
-    fn()
-    sync(device)
-    return time.perf_counter() - t0
-
-
-def interleaved(calls: dict, device: str, warmup: int, repeats: int) -> dict[str, list[float]]:
-    """Seconds per call of each side, sides alternating (A B, B A, ...); `warmup` untimed rounds."""
-    sides = list(calls)
-    times: dict[str, list[float]] = {s: [] for s in sides}
-    for i in range(warmup + repeats):
-        for side in sides if i % 2 == 0 else sides[::-1]:
-            t = seconds(calls[side], device)
-            if i >= warmup:
-                times[side].append(t)
-    return times
-
-
-def peak_extra(fn, device: str) -> int | None:
-    """Peak CUDA memory of one call above what was allocated before it (the weights)."""
-    if device != "cuda":
-        return None
-    gc.collect()
-    torch.cuda.empty_cache()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() - base
-
-
 def peak_tflops(device: str) -> float | None:
     if device != "cuda":
         return None
@@ -238,47 +203,25 @@ def peak_tflops(device: str) -> float | None:
     return next((v for k, v in PEAK_TFLOPS if k in name), None)
 
 
-def minisd_compile(sd: StableDiffusion) -> str:
-    """minisd's one-call compile where it exists, else `minisd.speed.compile_module` on the U-Net (or,
-    before that exists, `torch.compile(sd.unet, fullgraph=True)`); says which ran."""
-    if hasattr(sd, "compile"):
-        sd.compile()
-        return "sd.compile()"
-    try:
-        from minisd.speed import compile_module
-    except ImportError:
-        sd.unet = torch.compile(sd.unet, fullgraph=True)
-        return "torch.compile(sd.unet, fullgraph=True) (no sd.compile yet)"
-    compile_module(sd.unet)
-    return "minisd.speed.compile_module(sd.unet) (no sd.compile yet)"
+def minisd_options(sd: StableDiffusion) -> str:
+    """minisd's GPU speed options that keep the checkpoint's keys: fused q/k/v, sub-pixel upsampling
+    (2.25x fewer FLOPs in every upsampler) and channels_last; says which ran."""
+    sd.fuse_projections()
+    sd.subpixel_upsampling()
+    sd.unet.to(memory_format=torch.channels_last)
+    sd.vae.to(memory_format=torch.channels_last)
+    return "minisd: fuse_projections, subpixel_upsampling, channels_last"
+
+
+def diffusers_options(pipe) -> str:
+    """diffusers' documented speed recipe without compiling: fused q/k/v, channels_last."""
+    pipe.fuse_qkv_projections()
+    pipe.unet.to(memory_format=torch.channels_last)
+    pipe.vae.to(memory_format=torch.channels_last)
+    return "diffusers: fuse_qkv_projections, channels_last"
 
 
 # --------------------------------------------------------------------------- the report
-class Report:
-    def __init__(self, out: Path, header: str) -> None:
-        self.out, self.header = out, header
-        self.tables: dict[str, tuple[list[str], list[list[str]]]] = {}
-        self.notes: list[str] = []
-        self.raw: dict = {"items": [], "notes": self.notes}
-
-    def add(self, table: str, header: list[str], row: list, raw: dict) -> None:
-        self.tables.setdefault(table, (header, []))[1].append([str(c) for c in row])
-        self.raw["items"].append(dict(raw, table=table))
-
-    def text(self) -> str:
-        parts = [self.header]
-        for title, (header, rows) in self.tables.items():
-            parts += [f"\n## {title}\n", markdown_table(header, rows)]
-        if self.notes:
-            parts.append("\n## Notes\n\n" + "\n".join(f"- {n}" for n in self.notes))
-        return "\n".join(parts) + "\n"
-
-    def flush(self) -> None:
-        self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "gpu_speed.md").write_text(self.text())
-        (self.out / "gpu_speed.json").write_text(json.dumps(self.raw, indent=1, default=str))
-
-
 def gib(n: float | None) -> str:
     return "n/a" if n is None else f"{n / 2**30:.2f} GiB"
 
@@ -287,18 +230,24 @@ SPEED_HEADER = ["model", "dtype", "mode", "minisd it/s", "diffusers it/s", "**mi
                 "minisd peak extra VRAM", "diffusers peak extra VRAM", "minisd MFU", "diffusers MFU", "notes"]
 
 
-def speed_item(model: Model, dtype_name: str, compiled: bool, ctx: dict, report: Report) -> None:
+def speed_item(model: Model, dtype_name: str, mode: str, ctx: dict, report: Report) -> None:
+    """`mode`: "eager" (both plain), "eager+opts" (each side's speed options, `minisd_options` and
+    `diffusers_options`) or "compiled" (the options, then minisd `sd.compile()` and diffusers
+    `torch.compile(pipe.unet)`)."""
     device, steps = ctx["device"], ctx["steps"]
     pair = Pair(model, DTYPES[dtype_name], device, ctx["tokenizers"])
-    how, first = "", {}
+    how, first, compiled = "", {}, mode == "compiled"
     flops = pair.unet_flops()
     calls = {"minisd": pair.call("minisd", steps), "diffusers": pair.call("diffusers", steps)}
     with torch.inference_mode():
+        if mode != "eager":
+            how = minisd_options(pair.sd) + "; " + diffusers_options(pair.pipe)
         if compiled:
-            how = minisd_compile(pair.sd)
+            pair.sd.compile()
             pair.pipe.unet = torch.compile(pair.pipe.unet)
+            how += "; minisd sd.compile(), diffusers torch.compile(pipe.unet)"
             # The first call of each side compiles: timed on its own, as the cost a user pays once.
-            first = {side: seconds(fn, device) for side, fn in calls.items()}
+            first = {side: wall_seconds(fn, device) for side, fn in calls.items()}
         times = interleaved(calls, device, ctx["warmup"], ctx["repeats"])
         peaks = {side: peak_extra(fn, device) for side, fn in calls.items()}
     med = {s: median(t) for s, t in times.items()}
@@ -308,11 +257,11 @@ def speed_item(model: Model, dtype_name: str, compiled: bool, ctx: dict, report:
     note = how + (f"; first call (compiling) minisd {first['minisd']:.0f} s, diffusers {first['diffusers']:.0f} s"
                   if first else "")
     report.add(f"it/s, peak VRAM and MFU ({steps} steps, CFG, latents out)", SPEED_HEADER,
-               [model.label, dtype_name, "compiled" if compiled else "eager", f"{its['minisd']:.2f}",
+               [model.label, dtype_name, mode, f"{its['minisd']:.2f}",
                 f"{its['diffusers']:.2f}", f"**{its['minisd'] / its['diffusers']:.3f}**", gib(peaks["minisd"]),
                 gib(peaks["diffusers"]), f"{mfu['minisd']:.1%}" if peak else "n/a",
                 f"{mfu['diffusers']:.1%}" if peak else "n/a", note],
-               dict(model=model.label, dtype=dtype_name, compiled=compiled, times=times, its=its, peaks=peaks,
+               dict(model=model.label, dtype=dtype_name, mode=mode, times=times, its=its, peaks=peaks,
                     unet_flops_per_step=flops, mfu=mfu, first_call=first, how=how))
 
 
@@ -370,49 +319,18 @@ def offload_item(model: Model, ctx: dict, report: Report) -> None:
 
 
 # --------------------------------------------------------------------------- driver
-def free(device: str) -> None:
-    gc.collect()
-    if device == "cuda":
-        torch.cuda.empty_cache()
-
-
-def environment(device: str) -> str:
-    import diffusers
-    import transformers
-
-    lines = [f"python {platform.python_version()}, torch {torch.__version__}, diffusers {diffusers.__version__}, "
-             f"transformers {transformers.__version__}"]
-    if device == "cuda":
-        props = torch.cuda.get_device_properties(0)
-        peak = peak_tflops(device)
-        lines.append(f"GPU: {props.name}, {props.total_memory / 2**30:.0f} GiB, {props.multi_processor_count} SMs, "
-                     f"CUDA {torch.version.cuda}; peak dense fp16/bf16 {peak or 'unknown'} TFLOP/s (for MFU)")
-        b = torch.backends
-        lines.append(f"flags: cuda.matmul.allow_tf32={b.cuda.matmul.allow_tf32}, "
-                     f"cudnn.allow_tf32={b.cudnn.allow_tf32}, cudnn.benchmark={b.cudnn.benchmark}")
-    else:
-        lines.append(f"CPU: {platform.machine()}, {os.cpu_count()} logical CPUs, {torch.get_num_threads()} threads")
-    return "\n".join(f"- {ln}" for ln in lines)
-
-
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    default_out = Path(os.environ.get("OUT") or Path(tempfile.gettempdir()) / "minisd_gpu_speed")
-    p.add_argument("--out", type=Path, default=default_out, help="report folder (default: $OUT, else a temp folder)")
-    p.add_argument("--smoke", action="store_true", help="tiny models on the CPU, to check the script itself")
+    p = script_parser(__doc__, "minisd_gpu_speed")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default 30; smoke 3)")
     p.add_argument("--warmup", type=int, default=None, help="untimed calls per side (default 2; smoke 1)")
     p.add_argument("--repeats", type=int, default=None, help="timed calls per side (default 4; smoke 2)")
     p.add_argument("--deadline-s", type=float, default=540,
                    help="start no item whose estimated time would end it after this many seconds")
-    p.add_argument("--skip", default="", help="comma-separated: eager, precision, compiled, offload, compiled-bf16")
+    p.add_argument("--skip", default="",
+                   help="comma-separated: eager, eager+opts, precision, compiled, offload, compiled-bf16")
     args = p.parse_args()
     t_start = time.perf_counter()
-    device = "cpu" if args.smoke else "cuda"
-    if device == "cuda" and not torch.cuda.is_available():
-        p.error("no CUDA device (use --smoke for the CPU check of the script)")
-    torch.set_flush_denormal(True)  # CPU (smoke) only
+    device = script_device(p, args.smoke)
     steps = args.steps or (3 if args.smoke else 30)
     ctx = dict(device=device, steps=steps, warmup=args.warmup if args.warmup is not None else (1 if args.smoke else 2),
                repeats=args.repeats or (2 if args.smoke else 4),
@@ -421,19 +339,22 @@ def main() -> None:
     models = SMOKE if args.smoke else FULL
 
     title = "# minisd GPU speed" + (" (SMOKE: tiny models on the CPU)" if args.smoke else "")
-    report = Report(args.out, f"{title}\n\n{environment(device)}\n- {steps} steps, warm-up {ctx['warmup']}, "
-                              f"{ctx['repeats']} timed calls per side, median\n")
+    peak = f"peak dense fp16/bf16 {peak_tflops(device) or 'unknown'} TFLOP/s (for MFU)"
+    report = Report(args.out, f"{title}\n\n{environment(device, peak)}\n- {steps} steps, warm-up {ctx['warmup']}, "
+                              f"{ctx['repeats']} timed calls per side, median\n", "gpu_speed.md", "gpu_speed.json")
     report.flush()
     # (what, group, function, arguments, estimated seconds on an H100: SD1.5 first, then SDXL). An item
     # starts only if its estimate still fits before --deadline-s, so the run ends inside the device's limit.
     sd15, sdxl = models
-    plan = [(f"eager {m.label} {d}", "eager", speed_item, (m, d, False), est)
+    plan = [(f"eager {m.label} {d}", "eager", speed_item, (m, d, "eager"), est)
             for m, est in ((sd15, 20), (sdxl, 70)) for d in ("fp16", "bf16")]
+    plan += [(f"eager+opts {m.label} fp16", "eager+opts", speed_item, (m, "fp16", "eager+opts"), est)
+             for m, est in ((sd15, 20), (sdxl, 70))]
     plan += [(f"precision {m.label}", "precision", precision_item, (m,), est) for m, est in ((sd15, 15), (sdxl, 50))]
-    plan += [(f"compiled {m.label} fp16", "compiled", speed_item, (m, "fp16", True), est)
+    plan += [(f"compiled {m.label} fp16", "compiled", speed_item, (m, "fp16", "compiled"), est)
              for m, est in ((sd15, 80), (sdxl, 170))]
     plan += [(f"offload {m.label}", "offload", offload_item, (m,), est) for m, est in ((sd15, 15), (sdxl, 40))]
-    plan += [(f"compiled {m.label} bf16", "compiled-bf16", speed_item, (m, "bf16", True), est)
+    plan += [(f"compiled {m.label} bf16", "compiled-bf16", speed_item, (m, "bf16", "compiled"), est)
              for m, est in ((sd15, 80), (sdxl, 170))]
     for what, group, fn, fn_args, estimate in plan:
         elapsed = time.perf_counter() - t_start
@@ -443,19 +364,7 @@ def main() -> None:
             report.notes.append(f"skipped {what}: {elapsed:.0f} s elapsed + about {estimate} s would pass "
                                 f"--deadline-s {args.deadline_s:.0f}")
             continue
-        print(f"[{elapsed:6.1f} s] {what} ...", flush=True)
-        t0 = time.perf_counter()
-        try:
-            fn(*fn_args, ctx, report)
-        except Exception as e:  # keep going: one broken item must not lose the others
-            tb = traceback.format_exc().strip().splitlines()
-            report.notes.append(f"{what} FAILED: {type(e).__name__}: {e} ({' | '.join(tb[-3:])})")
-            print(traceback.format_exc(), flush=True)
-        finally:
-            torch._dynamo.reset()  # compiled graphs hold their modules' weights
-            free(device)
-        report.raw.setdefault("seconds", {})[what] = time.perf_counter() - t0
-        report.flush()
+        attempt(report, what, device, t_start, fn, *fn_args, ctx, report)
     report.notes.append(f"total {time.perf_counter() - t_start:.0f} s")
     report.flush()
     print("\n" + report.text(), flush=True)

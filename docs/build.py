@@ -11,6 +11,9 @@
 | docs/parity-report.md | `python docs/parity_report.py` (slow; skipped by --fast) | |
 | docs/images/*.png (the walkthrough's pictures) | `python docs/make_figures.py` (slow; skipped by --fast) | |
 
+size-demo.png (walkthrough 3) is drawn by the committed docs/assets/tiny-sdxl-size.safetensors, which
+tests/test_size_demo.py checks; `python -m minisd.tiny_sdxl` retrains it (about half an hour).
+
 Each step runs as its own process from the repository root, as a reader would run it; a step whose
 script is absent is reported and skipped.
 """

@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -91,6 +92,43 @@ def test_default_load_owns_its_memory_and_reads_each_tensor_once(fp16_sd1, monke
     with safetensors.safe_open(str(fp16_sd1), "pt") as f:
         n_keys = len(f.keys())
     assert len(reads) == n_keys - len(sd.ignored)
+
+
+def test_reading_on_threads_gives_the_same_model_and_its_errors(fp16_sd1, tmp_path, monkeypatch):
+    """`LazyTensors.prefetch` (on by default where there are 2+ CPUs): 4 reader threads load the very
+    same tensors as one, each read once and owned; a file truncated since its header was read still
+    gives the loader's own error, raised from the thread that hit it."""
+    monkeypatch.setattr(sources, "READ_THREADS", 1)
+    one = minisd.load(fp16_sd1, config=tiny_config("sd1"), dtype=torch.float16)
+    reads = []
+    real = sources._read_copy
+    threads = set()
+
+    def spy(*args):
+        reads.append(args[1])
+        threads.add(threading.current_thread().name.split("_")[0])
+        return real(*args)
+
+    monkeypatch.setattr(sources, "_read_copy", spy)
+    monkeypatch.setattr(sources, "READ_THREADS", 4)
+    four = minisd.load(fp16_sd1, config=tiny_config("sd1"), dtype=torch.float16)
+    assert len(reads) == len(set(reads)) and reads
+    assert threads == {"minisd-read"}  # read on the reader threads, not the caller's
+    ranges = _mapped_ranges(fp16_sd1)
+    for a, b in zip((one.unet, one.vae, *one.text_encoders), (four.unet, four.vae, *four.text_encoders)):
+        sa, sb = a.state_dict(), b.state_dict()
+        assert list(sa) == list(sb) and all(torch.equal(sa[k], sb[k]) and sa[k].dtype == sb[k].dtype for k in sa)
+        assert not any(_in_map(p, ranges) for p in b.parameters())
+    short = tmp_path / "short.safetensors"
+    short.write_bytes(fp16_sd1.read_bytes())
+    source = sources.SingleFile(short, allow_pickle=False)  # header read; now the data goes missing
+    os.truncate(short, short.stat().st_size // 2)
+    lazy = sources.LazyTensors(source.tensors, torch.float16, torch.device("cpu"), copy=True)
+    keys = sorted(source.tensors.infos)
+    lazy.prefetch(keys, workers=4)
+    with pytest.raises(minisd.CheckpointError, match="short.safetensors: the file ended while reading"):
+        for k in keys:
+            lazy[k]
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))

@@ -289,3 +289,142 @@ def test_save_refuses_a_fused_model(tmp_path):
     assert not (tmp_path / "fused.safetensors").exists()
     sd.unfuse_projections()
     assert minisd.save(sd, tmp_path / "unfused.safetensors").exists()
+
+
+# ---------------------------------------------------------------------------------- prepacked convolutions
+# oneDNN's blocked convolution sums each output's K = C_in * 9 products (<= 576 here) in another order
+# than the plain NCHW path: a few fp32 ulps per layer, the same size as the fused GEMMs' reordering
+# above, so the same REL bound (measured on the full-size SD1.5 U-Net: 6e-6 of max|output|).
+def test_packed_convolutions_match_plain_and_diffusers_and_keep_the_state_dict():
+    ours = tiny_unet("sd1", seed=5)
+    inp = inputs(TINY["sd1"])
+    plain, before = run_ours(ours, inp), state(ours)
+    theirs = UNet2DConditionModel(**diffusers_config(TINY["sd1"], {PREFIX + k: v for k, v in before.items()}))
+    theirs.load_state_dict(unet_table(TINY["sd1"]).to_theirs(before))
+    speed.pack_convolutions(ours)
+    convs = [m for m in ours.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(type(m) is speed.PackedConv2d for m in convs)
+    with torch.inference_mode():
+        packed = ours(inp["x"], inp["timesteps"], inp["context"])
+    assert all(m._packed is not None for m in convs)  # the oneDNN path ran, not the plain fallback
+    assert packed.is_contiguous(memory_format=torch.channels_last)  # NHWC out, as oneDNN's kernels give
+    assert_rel_close(packed, plain, REL, "packed vs plain")
+    assert_rel_close(packed, run_theirs(theirs.eval(), inp), REL, "packed vs diffusers")
+    assert_same_state(ours, before)
+    speed.unpack_convolutions(ours)
+    assert all(type(m) is torch.nn.Conv2d and "_packed" not in vars(m) for m in convs)
+    assert torch.equal(run_ours(ours, inp), plain)  # the plain kernels again, to the bit
+
+
+def test_packed_convolution_follows_weight_changes_and_falls_back_where_it_cannot_pack():
+    conv = speed.pack_convolutions(torch.nn.Conv2d(8, 16, 3, padding=1))
+    reference = torch.nn.Conv2d(8, 16, 3, padding=1)
+    reference.load_state_dict(conv.state_dict())
+    x = torch.randn(2, 8, 10, 10, generator=torch.Generator().manual_seed(0))
+    # K = 72 products per output: a few ulps of their sum (|terms| ~ 1e-1, so ~1e-6 absolute)
+    with torch.inference_mode():
+        torch.testing.assert_close(conv(x), reference(x), rtol=1e-5, atol=1e-5)
+        first = conv._packed
+    with torch.no_grad():  # an in place update (as fuse_lora makes) bumps the version: packed again
+        conv.weight.mul_(-2)
+        reference.weight.mul_(-2)
+    with torch.inference_mode():
+        torch.testing.assert_close(conv(x), reference(x), rtol=1e-5, atol=1e-5)
+    assert conv._packed is not first
+    # autograd, fp16 and non-zero padding modes run the plain convolution: the very same kernels
+    x.requires_grad_(True)
+    out = conv(x)
+    out.sum().backward()
+    assert torch.equal(out, reference(x)) and conv.weight.grad is not None
+    half, ref_half = conv.half(), reference.half()
+    with torch.inference_mode():
+        assert torch.equal(half(x.detach().half()), ref_half(x.detach().half()))
+
+
+def test_generation_with_packed_convolutions(sd):
+    kwargs = dict(steps=2, seed=0, output="latent", width=64, height=64)
+    plain = sd.generate("a red square", **kwargs)
+    sd.pack_convolutions()
+    packed = sd.generate("a red square", **kwargs)
+    assert_rel_close(packed, plain, REL, "packed generation")  # 2 guided steps: see the module docstring
+    sd.unpack_convolutions()
+    assert torch.equal(sd.generate("a red square", **kwargs), plain)
+
+
+# ---------------------------------------------------------------------------------- sub-pixel upsampling
+def test_upsample_conv_is_nearest_upsampling_then_the_conv_exactly():
+    """In float64 the folded 2x2 phases equal conv3x3(nearest x2) to rounding (1e-12 of max; the
+    folding pre-adds at most 4 taps, each product then summed in another order): an independent
+    check of the identity, on odd sizes and with a bias."""
+    g = torch.Generator().manual_seed(0)
+    conv = torch.nn.Conv2d(5, 6, 3, padding=1).double()
+    with torch.no_grad():
+        conv.weight.copy_(torch.randn(conv.weight.shape, generator=g, dtype=torch.float64))
+    x = torch.randn(2, 5, 5, 7, generator=g, dtype=torch.float64)
+    phases = torch.nn.Conv2d(5, 24, 2, padding=1).double()
+    with torch.no_grad():
+        phases.weight.copy_(speed.phase_weights(conv.weight))
+        phases.bias.copy_(conv.bias.repeat(4))
+        expected = conv(torch.nn.functional.interpolate(x, scale_factor=2.0, mode="nearest"))
+        torch.testing.assert_close(speed.upsample_conv(x, phases), expected, rtol=0, atol=1e-12 * expected.abs().max())
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_subpixel_upsampling_matches_plain_unet_vae_and_diffusers(packed):
+    """The tiny U-Net and VAE decoder with sub-pixel upsampling (and packed convolutions): the plain
+    model's outputs within REL (fp32 rounding of the pre-added taps: ~1e-7 per upsampler), diffusers' too."""
+    unet, vae = tiny_unet("sd1", seed=6), tiny_vae(6)
+    inp, z = inputs(TINY["sd1"]), torch.randn(1, 4, 12, 8, generator=torch.Generator().manual_seed(7))
+    theirs = DiffusersAutoencoderKL(**vae_diffusers_config(TINY_VAE, {})).eval()
+    theirs.load_state_dict(vae_table(TINY_VAE).to_theirs(vae.state_dict()))
+    with torch.no_grad():
+        plain, image, image_theirs = run_ours(unet, inp), vae.decode(z), theirs.decode(z).sample
+    before = state(unet)
+    for module in (unet, vae):
+        speed.subpixel_upsampling(speed.pack_convolutions(module) if packed else module)
+    ups = [m for m in (*unet.modules(), *vae.modules()) if isinstance(m, speed.SubpixelUpsample)]
+    assert len(ups) == 1 + 2  # the tiny U-Net's one upsampler, the tiny VAE decoder's two
+    with torch.inference_mode():
+        assert_rel_close(unet(inp["x"], inp["timesteps"], inp["context"]), plain, REL, "subpixel U-Net")
+        decoded = vae.decode(z)
+    assert all("_phases" in vars(m) for m in ups)  # the phase path ran
+    assert_rel_close(decoded, image, REL, "subpixel VAE decode")
+    assert_rel_close(decoded, image_theirs, REL, "subpixel VAE decode vs diffusers")
+    assert_same_state(unet, before)
+    speed.plain_upsampling(unet), speed.unpack_convolutions(unet)
+    assert torch.equal(run_ours(unet, inp), plain)
+
+
+def test_subpixel_upsampling_follows_the_weights_trains_and_respects_hooks():
+    up = speed.subpixel_upsampling(minisd.unet.Upsample(4))
+    plain = minisd.unet.Upsample(4)
+    plain.load_state_dict(up.state_dict())
+    x = torch.randn(1, 4, 6, 6, generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        torch.testing.assert_close(up(x), plain(x), rtol=0, atol=1e-6)  # fp32, 36 products: a few ulps of O(1)
+        up.conv.weight.mul_(3), plain.conv.weight.mul_(3)  # in place: the phases are derived again
+        torch.testing.assert_close(up(x), plain(x), rtol=0, atol=3e-6)
+    # autograd: the same gradients reach conv's weight as through the plain module
+    up(x).square().sum().backward(), plain(x).square().sum().backward()
+    torch.testing.assert_close(up.conv.weight.grad, plain.conv.weight.grad, rtol=1e-5, atol=1e-5)
+    # a hook on conv (what an unfused LoRA adds) must run: the plain path is taken
+    handle = up.conv.register_forward_hook(lambda module, args, out: out * 0)
+    with torch.no_grad():
+        assert up(x).abs().max() == 0
+    handle.remove()
+
+
+def test_subpixel_upsampling_compiles_whole():
+    """Inside torch.compile the phase weights are derived in the graph: one graph, no break (fullgraph),
+    and the traced computation is the eager sub-pixel one (same kernels with the counting backend)."""
+    model = speed.subpixel_upsampling(UNetModel(COMPILE_UNET).eval())
+    randomize(model, 1)
+    inp = inputs(COMPILE_UNET, size=16)
+    with torch.no_grad():
+        speed.plain_upsampling(model)
+        plain = run_ours(model, inp)
+        speed.subpixel_upsampling(model)
+    counter = Counter()
+    speed.compile_module(model, backend=counter)
+    assert_rel_close(run_ours(model, inp), plain, REL, "compiled sub-pixel U-Net")
+    assert counter.graphs == 1

@@ -77,7 +77,7 @@ from .families import (
     with_prediction,
 )
 from .files import atomic_folder, atomic_write, atomic_write_text, check_destination
-from .keymap import CheckpointError, load_strict
+from .keymap import CheckpointError, load_strict, on_meta
 from .layouts import (
     Size,
     component_names,
@@ -138,7 +138,7 @@ class Components:
 # ------------------------------------------------------------------------------ load
 def build(family: Family) -> tuple[UNetModel, AutoencoderKL, list[TextTransformer]]:
     """Every component of `family` on the meta device: no memory, no init (the weights are assigned)."""
-    with torch.device("meta"):
+    with on_meta():
         return UNetModel(family.unet), AutoencoderKL(family.vae), [TextTransformer(t.config) for t in family.text]
 
 
@@ -197,6 +197,7 @@ def load_components(
     for part, m in zip(parts, matches):
         for name, table in part.tables.items():
             lazy = LazyTensors(part.tensors, dtypes[name], device, copy=part.tensors.mapped and not mmap)
+            lazy.prefetch(sorted(m.own[name]))  # safetensors writers store tensors in name order
             state = table.to_ours(Subset(lazy, m.own[name]), source=f"{part.where} [{name}]")
             load_strict(modules[name], state, source=f"{path} [{name}]")
     ignored = {key: reason for m in matches for key, reason in m.ignored.items()}

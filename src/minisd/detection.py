@@ -12,8 +12,10 @@ prediction type from metadata, a known file hash, or one U-Net call.
   `detect_diffusers` does the same for a diffusers folder from its JSON files.
 - SD2's epsilon (512) and v (768) models share every key and shape. Metadata tells when
   present; otherwise `detect` leaves the prediction type open, and loading tries the
-  file's SHA-256 against `KNOWN_SHA256` and then `probe_prediction_type` (one U-Net call),
-  which may answer "unsure" (then the family's default stands).
+  file's SHA-256 against `KNOWN_SHA256` and then `probe.probe_prediction_type` (one U-Net
+  call), which may answer "unsure" (then the family's default stands).
+- `what_else` says what a file that is not the kind asked for looks like (a LoRA, an
+  embedding, a VAE, a checkpoint, ...), from the one table `WHAT_ELSE`; every loader uses it.
 """
 
 from __future__ import annotations
@@ -25,11 +27,10 @@ import os
 import stat
 import struct
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
-
-import torch
 
 from .clip import CLIP_VIT_L14, OPENCLIP_VIT_BIGG14, OPENCLIP_VIT_H14
 from .diffusers_format import json_field
@@ -46,7 +47,14 @@ from .families import (
 )
 from .keymap import CheckpointError
 from .known_files import KNOWN_SHA256, KnownFile, _known  # noqa: F401  (re-exported from their old home)
-from .unet import UNetModel
+from .probe import (  # noqa: F401  (re-exported from their old home)
+    PROBE_EPSILON_SLOPES,
+    PROBE_MAX_RESIDUAL,
+    PROBE_SIZE,
+    PROBE_V_SLOPES,
+    ProbeResult,
+    probe_prediction_type,
+)
 
 # Bytes per element of each safetensors dtype, to check a header against the file size.
 _DTYPE_BYTES = {
@@ -349,24 +357,61 @@ class DetectedModel:
     dtypes: dict[str, int] = field(default_factory=dict)
 
 
-def _what_else(keys: list[str]) -> str:
-    """A hint for a safetensors file that holds no SD U-Net: what does it look like?"""
-    joined = " ".join(keys[:2000])
-    if any(s in joined for s in ("lora_down", "lora_up", "lora_A", "lora_B", "lora_unet_", "lora_te")):
-        return "it looks like a LoRA (low-rank adapter); load a full checkpoint and apply the LoRA to it"
-    if any(k.startswith(("encoder.down.", "decoder.up.", "encoder.down_blocks.", "decoder.up_blocks.")) for k in keys):
-        return (
-            "it looks like a VAE-only file; pass a full checkpoint (a standalone VAE can replace the checkpoint's VAE)"
-        )
-    if all(k.startswith("first_stage_model.") for k in keys):
-        return "it holds only the VAE (`first_stage_model.*`); pass a full checkpoint"
-    if any(k.startswith(("down_blocks.", "conv_in.")) for k in keys):
-        return "it looks like one component of a diffusers folder; pass the folder that holds model_index.json"
-    if any(".text_model." in k or k.startswith(("text_model.", "transformer.resblocks.")) for k in keys):
-        return "it looks like a text encoder alone; pass a full checkpoint"
-    if any("control_model." in k or "controlnet" in k for k in keys):
-        return "it looks like a ControlNet; pass a full Stable Diffusion checkpoint"
-    return "it is not a Stable Diffusion v1/v2/XL checkpoint"
+@dataclass(frozen=True)
+class FileKind:
+    """A kind of file minisd may be handed in place of another: the keys that mark it, what it is,
+    and what to do with it. `use` is what it is for ("checkpoint", "lora", "embedding", "vae", or
+    none of those), so a loader can skip its own kind."""
+
+    use: str
+    what: str
+    todo: str
+    prefixes: tuple[str, ...] = ()  # a key that starts with one of these marks the kind
+    contains: tuple[str, ...] = ()  # so does a key that contains one of these
+
+    def marker(self, keys: Iterable[str]) -> str | None:
+        """The first key that marks this kind, or None."""
+        return next((k for k in keys if k.startswith(self.prefixes) or any(s in k for s in self.contains)), None)
+
+
+_AS_VAE = "pass it as a VAE (`minisd.load(checkpoint, vae=...)` or `sd.load_vae`)"
+_AS_CHECKPOINT = "load it with minisd.load"
+_AS_EMBEDDING = "load it with `sd.load_embedding`"
+# The one table of what else a file may be, first match wins: more specific kinds before the
+# ones whose keys they also hold (a full checkpoint holds a text encoder and a VAE).
+WHAT_ELSE: tuple[FileKind, ...] = (
+    FileKind("lora", "a LoRA (low-rank adapter)", "load a full checkpoint and apply the LoRA to it (`sd.load_lora`)",
+             prefixes=("lora_unet_", "lora_te"), contains=("lora_down", "lora_up", "lora_A", "lora_B", "lora.down")),
+    FileKind("controlnet", "a ControlNet", "minisd runs no ControlNet; pass a full Stable Diffusion checkpoint",
+             contains=("control_model.", "controlnet")),
+    FileKind("checkpoint", "a full Stable Diffusion checkpoint (official layout)", _AS_CHECKPOINT,
+             prefixes=(_UNET_PREFIX,)),
+    FileKind("checkpoint", "a full SDXL checkpoint (official layout)", _AS_CHECKPOINT,
+             prefixes=("conditioner.embedders.",)),
+    FileKind("text encoder", "a text encoder alone (transformers' CLIPTextModel or open_clip)",
+             "pass the full checkpoint, or the diffusers folder it belongs to",
+             prefixes=("text_model.", "transformer.resblocks."), contains=(".text_model.",)),
+    FileKind("embedding", "an A1111 textual-inversion embedding", _AS_EMBEDDING,
+             prefixes=("string_to_param", "emb_params")),
+    FileKind("embedding", "an SDXL textual-inversion embedding", _AS_EMBEDDING, prefixes=("clip_l", "clip_g")),
+    FileKind("vae", "the VAE of a checkpoint alone (it holds only the VAE, `first_stage_model.*`)", _AS_VAE,
+             prefixes=("first_stage_model.",)),
+    FileKind("vae", "a standalone VAE (a VAE-only file)", _AS_VAE,
+             prefixes=("encoder.conv_in.", "decoder.conv_in.", "encoder.down", "decoder.up")),
+    FileKind("diffusers component", "one component of a diffusers folder (a U-Net's weights alone)",
+             "pass the folder that holds model_index.json", prefixes=("down_blocks.", "conv_in.")),
+)  # fmt: skip
+
+
+def what_else(keys: Iterable[str], *, asked: str, otherwise: str = "it is no other kind of file minisd reads") -> str:
+    """A hint for a file that is not the `asked` kind ("checkpoint", "lora", "embedding", "vae"):
+    what it looks like (`WHAT_ELSE`, skipping the asked kind) and what to do; `otherwise` when nothing matches."""
+    keys = list(keys)
+    for kind in WHAT_ELSE:
+        key = None if kind.use == asked else kind.marker(keys)
+        if key is not None:
+            return f"it looks like {kind.what}, from its key {key!r}: {kind.todo}"
+    return otherwise
 
 
 def _sentinel(tensors: dict[str, TensorInfo], key: str, rank: int, what: str, path: Path) -> TensorInfo:
@@ -410,7 +455,8 @@ def detect_keys(tensors: dict[str, TensorInfo], metadata: dict[str, str], path: 
     """Decide the family of an official-layout checkpoint from its keys, shapes and metadata."""
     keys = list(tensors)
     if _UNET_IN not in tensors:
-        raise CheckpointError(f"{path}: no Stable Diffusion U-Net (`{_UNET_IN}` is missing): {_what_else(keys)}")
+        hint = what_else(keys, asked="checkpoint", otherwise="it is not a Stable Diffusion v1/v2/XL checkpoint")
+        raise CheckpointError(f"{path}: no Stable Diffusion U-Net (`{_UNET_IN}` is missing): {hint}")
     ev = []
     unet_in = _sentinel(tensors, _UNET_IN, 4, "a 3x3 convolution (out, in, 3, 3)", path)
     in_ch = unet_in.shape[1]
@@ -506,112 +552,6 @@ def _prediction_from_metadata(metadata: dict[str, str]) -> tuple[str | None, str
             "minisd.prediction_type"
         ], "safetensors metadata minisd.prediction_type (written by minisd.save)"
     return None, "the header carries no prediction type (SD2 epsilon and v models have identical keys)"
-
-
-# ------------------------------------------------------------------------------ SD2 probe
-# The probe's bands (see `probe_prediction_type`). The exact slopes at t=999 are 0.96..1.0024 for
-# epsilon and -0.53..+0.07 for v (data std s <= 3); the probe is unsure in (0.4, 0.6), about the middle
-# fifth of the gap between them (midpoint 0.52), where a model has learned neither. The trained
-# tiny fixtures sit at 0.98 and 0.09 with residuals 0.09 and 0.07 at `PROBE_SIZE` (1.04 and 0.17, 0.11 and
-# 0.13 at 4x it); random weights at residual 0.26 (full-size SD2, PyTorch's init) and up (tests/fixtures/README.md).
-PROBE_EPSILON_SLOPES = (0.6, 1.25)
-PROBE_V_SLOPES = (-0.75, 0.4)
-PROBE_MAX_RESIDUAL = 0.2  # above it the output is not an affine function of the noise: no objective learned
-# The probe's latent side: the smallest that decides with a margin. At 8 the fixtures sit furthest inside
-# their bands (slopes 0.983 and 0.088, residuals 0.09 and 0.07) and random weights stay unsure (residual
-# 0.26 .. 0.43); at 4, 39 -> 12 high-frequency modes per channel, one random U-Net in three already reads
-# as v (residual 0.19). A1111 probes real SD2 files at 8 x 8 too. It costs one pass over the weights
-# (tests/fixtures/README.md has the numbers); a U-Net with more than 4 levels gets its downsampling factor.
-PROBE_SIZE = 8
-
-
-@dataclass(frozen=True)
-class ProbeResult:
-    """What one U-Net call at t=999 says (`probe_prediction_type`).
-
-    Attributes:
-        verdict: "epsilon", "v_prediction", or "unsure" (outside both bands, or the output is not
-            a function of the noise that either trained objective gives).
-        slope: d(output)/d(input) along the noise, fitted over two noise draws (high frequencies).
-        residual: what that fit leaves, relative to the input (0 for an exact Gaussian denoiser).
-        reason: one line with the numbers and the bands, starting "probe".
-    """
-
-    verdict: str
-    slope: float
-    residual: float
-    reason: str
-
-
-@torch.no_grad()
-def probe_prediction_type(unet: UNetModel, *, size: int | None = None) -> ProbeResult:
-    """Tell an SD2 epsilon model from a v model by one U-Net call at t = 999 (a batch of two noise draws of
-    `size` x `size` latents, default `PROBE_SIZE`), in the U-Net's own dtype and on its own device.
-
-    At the last training step alphabar = 0.0047, so x_t = sqrt(alphabar) x_0 + sqrt(1 - alphabar) eps
-    is 99.8 % noise. An epsilon-model must hand (nearly) its input back: for data of standard
-    deviation s, the exact eps-prediction is x_t times (1 - sqrt(alphabar) k) / sqrt(1 - alphabar)
-    plus a constant, with k = sqrt(alphabar) s^2 / (alphabar s^2 + 1 - alphabar), a slope of 0.96 or
-    more for any s <= 3. The exact v = sqrt(alphabar) eps - sqrt(1 - alphabar) x_0 has slope
-    sqrt(alphabar / (1 - alphabar)) - sqrt(1 - alphabar) k, between -0.53 and +0.07 for s <= 3.
-    SD latents are scaled to unit variance (s about 1), far inside that range.
-
-    So we feed two Gaussian noise draws (seed 0, zero context) and compare the difference of the two
-    outputs with that of the inputs, which cancels whatever does not depend on the noise (v's
-    -E[x_0], a mean picture), over the upper three quarters of the spatial frequencies
-    (max(|f_y|, |f_x|) > 1/4 cycle per latent pixel). Those ranges hold there too: with correlated
-    data each frequency has its own variance, and k is concave in it, so averaging over modes only
-    moves epsilon's slope toward 1.0024 and v's toward +0.07 (Jensen). Images hold little power at
-    high frequencies, so both exact predictions are the input times a slope and nothing else there
-    (a `residual` near 0), even for a model that reads the mean brightness out of the noise at t=999
-    (the low frequencies keep some signal at SD's last step: Lin et al. 2023, sec. 3.1). Random
-    weights answer noise with more noise: residual about 0.3 and up, and a slope near 0 that alone would
-    read as v. The verdict is epsilon or v only when the slope is in that kind's band
-    (`PROBE_EPSILON_SLOPES`, `PROBE_V_SLOPES`) and the residual is at most `PROBE_MAX_RESIDUAL`;
-    otherwise "unsure", and loading keeps the family's default (`checkpoint._prediction`). An output
-    that does not change with the input at all (an untrained, zero-initialised output layer), or
-    that is not finite, is "unsure" too.
-
-    A1111 and stable-diffusion.cpp also decide with one call at t=999; they threshold the mean of
-    `out - x` on a constant input, a rule calibrated on the real weights. The slope rule follows
-    from the two parameterizations; it is tested on exact (analytic) denoisers, on two tiny models
-    trained with each objective, and on random weights (tests/test_probe.py).
-    """
-    p = next(unet.parameters())
-    cfg = unet.config
-    # a U-Net deeper than SD's 4 levels needs a side of its downsampling factor (duck-typed test doubles lack it)
-    size = size or max(PROBE_SIZE, getattr(cfg, "downsample_factor", 1))
-    g = torch.Generator("cpu").manual_seed(0)
-    x = torch.randn(2, cfg.in_channels, size, size, generator=g).to(p.device)
-    context = torch.zeros(2, 77, cfg.context_dim, device=p.device, dtype=p.dtype)
-    y = None if cfg.adm_in_channels is None else torch.zeros(2, cfg.adm_in_channels, device=p.device, dtype=p.dtype)
-    t = torch.full((2,), 999.0, device=p.device)
-    out = unet(x.to(p.dtype), t, context, y).float()
-    # The difference of the two draws cancels what does not depend on the noise; then its spectrum
-    # (c h w, complex) above a quarter cycle per pixel, where images hold little power.
-    dx = torch.fft.fft2(x[0, : cfg.out_channels] - x[1, : cfg.out_channels])
-    dout = torch.fft.fft2(out[0] - out[1])
-    f = torch.fft.fftfreq(size, device=p.device).abs()
-    high = torch.maximum(f[:, None], f[None, :]) > 0.25  # (h, w)
-    dx, dout = dx[:, high], dout[:, high]
-    slope = float((dx.conj() * dout).real.sum() / dx.abs().square().sum())
-    residual = float((dout - slope * dx).abs().square().sum().sqrt() / dx.abs().square().sum().sqrt())
-    fit = f"slope {slope:.3f}, residual {residual:.3f}"
-    if not out.isfinite().all():
-        why = f"the U-Net returned inf or NaN in {p.dtype} (an overflow? load it in float32)"
-        return ProbeResult("unsure", slope, residual, f"probe unsure: {why}")
-    if not dout.any():
-        why = "the output does not change with the input (an untrained, zero-initialised output layer?)"
-        return ProbeResult("unsure", slope, residual, f"probe unsure: {why}")
-    if residual > PROBE_MAX_RESIDUAL:
-        why = f"the output is not an affine function of the noise ({fit}; residual > {PROBE_MAX_RESIDUAL})"
-        return ProbeResult("unsure", slope, residual, f"probe unsure: {why}: random or broken weights?")
-    for kind, (lo, hi) in (("epsilon", PROBE_EPSILON_SLOPES), ("v_prediction", PROBE_V_SLOPES)):
-        if lo <= slope <= hi:
-            return ProbeResult(kind, slope, residual, f"probe: one U-Net call at t=999: {fit}, in {kind}'s band "
-                               f"[{lo}, {hi}]")  # fmt: skip
-    bands = f"epsilon {list(PROBE_EPSILON_SLOPES)}, v {list(PROBE_V_SLOPES)}"
-    return ProbeResult("unsure", slope, residual, f"probe unsure: {fit} is in neither band ({bands})")
 
 
 def refuse_pickle(path: Path) -> None:

@@ -25,11 +25,9 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from .clip import TextConfig
 from .files import atomic_write_text
-from .keymap import CheckpointError, KeyTable, Rule
+from .keymap import CheckpointError, KeyTable, Rule, on_meta
 from .tokenizer import EOT_TOKEN, SOT_TOKEN, read_merges, vocabulary
 from .unet import UNetConfig, UNetModel, block_plan
 from .vae import VAEConfig, level_plan
@@ -276,7 +274,7 @@ def unet_table(config: UNetConfig, *, text_time: bool | None = None) -> KeyTable
             homes.append((f"output_blocks.{m}.{2 if b.attn else 1}.conv", f"{up}.upsamplers.0.conv"))
 
     # Expand each module pair into its tensors, reading the names off a meta-device model.
-    with torch.device("meta"):
+    with on_meta():
         model = UNetModel(config)
     rules = [
         Rule(f"{ours}.{key}", (f"{theirs}.{key}",))

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from .detection import _what_else, open_regular, read_safetensors_header
+from .detection import open_regular, read_safetensors_header, what_else
 from .families import Family
 from .keymap import CheckpointError
 from .prompt_chunks import CHUNK_LENGTH
@@ -82,7 +82,7 @@ def _read_safetensors(path: Path) -> dict[str, object]:
     header = read_safetensors_header(path)  # validated before any tensor is read
     if len(header.tensors) > 4:  # an embedding holds 1 or 2 tensors; do not read a checkpoint's
         raise ValueError(f"{path}: not a textual-inversion embedding: it holds {len(header.tensors)} tensors; "
-                         f"{_what_else(sorted(header.tensors))}")  # fmt: skip
+                         f"{what_else(sorted(header.tensors), asked='embedding')}")  # fmt: skip
     with safe_open(path, "pt") as f:
         return {k: f.get_tensor(k) for k in f.keys()}
 
@@ -117,7 +117,8 @@ def _vectors_of(entries: dict[str, object], path: Path) -> tuple[str, dict[str, 
     keys = sorted(map(str, entries))
     raise ValueError(
         f"{path}: not a textual-inversion embedding (expected string_to_param, emb_params, clip_l + clip_g, or one "
-        f"{{token: vectors}} entry); its keys are {keys[:6]}{' ...' if len(keys) > 6 else ''}: {_what_else(keys)}"
+        f"{{token: vectors}} entry); its keys are {keys[:6]}{' ...' if len(keys) > 6 else ''}: "
+        f"{what_else(keys, asked='embedding')}"
     )
 
 

@@ -31,10 +31,9 @@ import torch
 from einops import rearrange
 
 from .conditioning import MicroConditioning
-from .model import StableDiffusion
+from .model import GenerateRequest, StableDiffusion
 from .pipeline import Noise, Prompt, Sampling, draw_noise, encode, guided_denoiser, latent_shape, sample
 from .samplers import sampler_parts
-from .schedules import DiscreteSchedule
 
 Emit = Callable[[str], None]
 
@@ -163,7 +162,7 @@ class GuidanceRecorder:
 @dataclass(frozen=True)
 class Request:
     """What to explain: `generate(prompt, negative_prompt=, steps=, sampler=, guidance_scale=, seed=,
-    height=, width=, original_size=, crop_coords_top_left=)` with the family's defaults where None."""
+    height=, width=, original_size=, crop_coords_top_left=)`, one image; None: generate's default."""
 
     prompt: str
     negative_prompt: str = ""
@@ -171,24 +170,23 @@ class Request:
     sampler: str = "euler"
     guidance_scale: float | None = None
     seed: int = 0
-    size: tuple[int, int] | None = None  # (height, width); None: the family's default
-    original_size: tuple[int, int] | None = None  # SDXL; None: the output size, as generate
-    crop_coords_top_left: tuple[int, int] = (0, 0)
+    size: tuple[int | None, int | None] | None = None  # (height, width); None, or a None side: generate's
+    original_size: tuple[int, int] | None = None  # SDXL
+    crop_coords_top_left: tuple[int, int] | None = None
     attention_layer: str | None = None
 
     def records(self, sd: StableDiffusion) -> tuple[Prompt, Sampling, Noise, tuple[int, int]]:
-        """The pipeline's records, with `StableDiffusion.generate`'s defaults (model.py `_sampling`, `_prompt`)."""
+        """The pipeline's records, resolved by `StableDiffusion.generate`'s own `GenerateRequest`."""
         if self.original_size is not None and "original_size" not in sd.family.y_inputs:
             raise ValueError(f"original_size: the {sd.family.name!r} family has no size conditioning (SDXL's y); "
                              "drop --original-size")  # fmt: skip
-        size = self.size or (sd.family.default_size, sd.family.default_size)
-        micro = MicroConditioning(original_size=self.original_size or size, target_size=size,
+        height, width = self.size or (None, None)
+        request = GenerateRequest(self.prompt, negative_prompt=self.negative_prompt, width=width, height=height,
+                                  steps=self.steps, guidance_scale=self.guidance_scale, sampler=self.sampler,
+                                  seed=self.seed, original_size=self.original_size,
                                   crop_coords_top_left=self.crop_coords_top_left)  # fmt: skip
-        scale = sd.family.default_guidance if self.guidance_scale is None else float(self.guidance_scale)
-        prompt = Prompt((self.prompt,), (self.negative_prompt,), micro, 1, scale)
-        schedule = DiscreteSchedule.scaled_linear(zero_terminal_snr=sd.family.zero_terminal_snr)
-        sampling = Sampling(self.sampler, self.steps, sd.family.timestep_spacing, None, schedule)
-        return prompt, sampling, Noise(torch.Generator("cpu").manual_seed(self.seed)), size
+        inputs = request.resolve(sd)
+        return inputs.text, inputs.sampling, inputs.noise, inputs.size
 
 
 @torch.no_grad()
@@ -439,11 +437,9 @@ def run_cli(args: argparse.Namespace) -> int:
         raise ValueError(f"--steps: expected a positive integer, got {args.steps}")
     model, (height, width) = _model_and_size(args.model, args.height, args.width)
     sd = load(model)
-    size = None if height is None and width is None else (height or sd.family.default_size,
-                                                         width or sd.family.default_size)  # fmt: skip
-    request = Request(args.prompt, args.negative_prompt, args.steps, args.sampler, args.guidance, args.seed, size,
-                      tuple(args.original_size) if args.original_size else None,
-                      attention_layer=args.attention_layer)  # fmt: skip
+    original_size = tuple(args.original_size) if args.original_size else None
+    request = Request(args.prompt, args.negative_prompt, args.steps, args.sampler, args.guidance, args.seed,
+                      (height, width), original_size, attention_layer=args.attention_layer)  # fmt: skip
     run = explain(sd, request, print)
     if args.out:
         for path in save_pictures(sd, run, Path(args.out)):

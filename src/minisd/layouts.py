@@ -21,14 +21,13 @@ import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
 from . import unet as _unet
 from . import vae as _vae
 from .clip import ResidualAttentionBlock, TextConfig, TextTransformer
 from .families import UNET_PREFIX, VAE_PREFIX, Family
-from .keymap import Ignore, KeyTable, Rule
+from .keymap import Ignore, KeyTable, Rule, on_meta
 from .unet import UNetConfig, UNetModel, block_plan
 from .vae import AutoencoderKL, VAEConfig, level_plan
 
@@ -133,12 +132,19 @@ def component_names(family: Family) -> list[str]:
     return ["U-Net", "VAE", *(f"text encoder {i} ({t.layout})" for i, t in enumerate(family.text))]
 
 
+@functools.lru_cache(maxsize=64)
+def module_keys(cls: type, config: object) -> tuple[str, ...]:
+    """The state-dict keys of `cls(config)`, in order, read off a build on the meta device (cached: the
+    configs are frozen dataclasses, so a second load of the same architecture builds nothing for its tables)."""
+    with on_meta():
+        return tuple(cls(config).state_dict())
+
+
 def official_tables(family: Family, keys: set[str], *, use_ema: bool = False) -> dict[str, KeyTable]:
     """One table per component (U-Net, VAE, text encoders, in that order) from an official file's
     keys to our module names. The U-Net and VAE keys are ours under a prefix (read off modules
     built on the meta device); `keys` (the file's) picks the HF CLIP variant without `text_model.`."""
-    with torch.device("meta"):
-        unet_keys, vae_keys = list(UNetModel(family.unet).state_dict()), list(AutoencoderKL(family.vae).state_dict())
+    unet_keys, vae_keys = module_keys(UNetModel, family.unet), module_keys(AutoencoderKL, family.vae)
     if use_ema:
         rules = tuple(Rule(k, (_ema_key(k),)) for k in unet_keys)
         unet_table_ = KeyTable("U-Net (EMA)", rules, (Ignore(UNET_PREFIX + "*", _NON_EMA_REASON),))
@@ -180,7 +186,7 @@ class Size:
 @functools.lru_cache(maxsize=1024)
 def _built(cls: type, *args: object) -> Size:
     """The size of one block, built on the meta device (no memory, microseconds)."""
-    with torch.device("meta"):
+    with on_meta():
         state = cls(*args).state_dict()
     return Size(len(state), sum(v.numel() for v in state.values()))
 

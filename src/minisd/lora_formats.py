@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from .clip import TextConfig
+from .detection import what_else
 from .diffusers_format import unet_table
 from .layouts import hf_table
 from .unet import UNetConfig, UNetModel
@@ -208,27 +209,8 @@ def model_made_for(unet: UNetConfig, text_encoders: int) -> MadeFor:
 
 
 # ------------------------------------------------------------------------ files that are not LoRAs
-# (a key the file holds, or a key prefix, what such a file is, what to do with it), first match wins.
-NOT_LORA: tuple[tuple[str, str, str], ...] = (
-    ("model.diffusion_model.", "a full Stable Diffusion checkpoint (official layout)", "load it with minisd.load"),
-    ("conditioner.embedders.", "a full SDXL checkpoint (official layout)", "load it with minisd.load"),
-    ("string_to_param", "an A1111 textual-inversion embedding", "load it as an embedding"),
-    ("emb_params", "an A1111 textual-inversion embedding", "load it as an embedding"),
-    ("clip_l", "an SDXL textual-inversion embedding", "load it as an embedding"),
-    ("clip_g", "an SDXL textual-inversion embedding", "load it as an embedding"),
-    ("first_stage_model.", "a VAE (official layout)", "pass it as a VAE"),
-    ("encoder.conv_in.weight", "a standalone VAE", "pass it as a VAE"),
-    ("decoder.conv_in.weight", "a standalone VAE", "pass it as a VAE"),
-    ("down_blocks.", "a diffusers U-Net (UNet2DConditionModel weights)", "load its folder with minisd.load"),
-    ("text_model.", "a transformers CLIP text encoder", "load its folder with minisd.load"),
-    ("transformer.resblocks.", "an open_clip text encoder", "load it as part of a checkpoint"),
-)
-
-
 def what_it_is(keys: Sequence[str]) -> str:
-    """A sentence saying what a file that holds no LoRA layer looks like."""
-    for marker, what, todo in NOT_LORA:
-        if any(k == marker or k.startswith(marker) for k in keys):
-            return f"it looks like {what} ({marker!r} keys): {todo}"
+    """A sentence saying what a file that holds no LoRA layer looks like (`detection.WHAT_ELSE`)."""
     shown = ", ".join(sorted(keys)[:6]) or "no tensors"
-    return f"it holds no LoRA layer (expected keys ending in one of {list(ROLES)[:6]}...); its keys: {shown}"
+    otherwise = f"it holds no LoRA layer (expected keys ending in one of {list(ROLES)[:6]}...); its keys: {shown}"
+    return what_else(keys, asked="lora", otherwise=otherwise)

@@ -261,6 +261,28 @@ class StableDiffusion(Components):
         """The official separate to_q / to_k / to_v (and VAE q / k / v) layers again, bit-identical."""
         _speed.unfuse_model(self)
 
+    def pack_convolutions(self) -> None:
+        """CPU inference: keep every U-Net and VAE convolution's weight in oneDNN's blocked layout as
+        well, packed once instead of at every call (`speed.PackedConv2d`); the state dict is unchanged."""
+        _speed.pack_convolutions(self.unet)
+        _speed.pack_convolutions(self.vae)
+
+    def unpack_convolutions(self) -> None:
+        """Plain convolutions again (`pack_convolutions` undone, the packed copies freed)."""
+        _speed.unpack_convolutions(self.unet)
+        _speed.unpack_convolutions(self.vae)
+
+    def subpixel_upsampling(self) -> None:
+        """Every U-Net and VAE upsampler computes nearest x2 + 3x3 conv as one 2x2 conv on its input
+        (`speed.upsample_conv`: the same function, 2.25x fewer multiply-adds); the state dict is unchanged."""
+        _speed.subpixel_upsampling(self.unet)
+        _speed.subpixel_upsampling(self.vae)
+
+    def plain_upsampling(self) -> None:
+        """The official interpolate-then-conv upsamplers again (`subpixel_upsampling` undone)."""
+        _speed.plain_upsampling(self.unet)
+        _speed.plain_upsampling(self.vae)
+
     def compile(
         self, *, mode: str | None = None, fullgraph: bool = True, dynamic: bool | None = None
     ) -> StableDiffusion:
@@ -415,152 +437,207 @@ class StableDiffusion(Components):
         `hires_scale` (with `hires_strength`, `hires_steps`, `hires_upscale`) runs A1111's two-pass hires fix
         (`pipeline.hires_fix`): `generate("a cat", width=512, height=512, hires_scale=2)` gives 1024x1024.
         A bad argument raises a ValueError naming it; a NaN or inf from a model, `NonFiniteError`.
+        The keywords become one `GenerateRequest`, whose fields say what each None stands for.
 
             images = sd.generate("a lighthouse at dusk", seed=0, steps=30, sampler="dpmpp_2m_karras")
             images = sd.generate("a cat", init_image=photo, strength=0.6, seed=1)          # img2img
             images = sd.generate("a cat", width=512, height=512, hires_scale=2, seed=2)   # 1024 px, two passes
         """
-        _check_choice("output", output, OUTPUT_TYPES)
-        _check_choice("noise", noise, NOISE_CONVENTIONS)
-        _check_choice("prompt_syntax", prompt_syntax, PROMPT_SYNTAXES)
-        _check_numbers(width=width, height=height, steps=steps, num_images=num_images, seed=seed, clip_skip=clip_skip,
-                       guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, strength=strength, eta=eta,
-                       denoising_start=denoising_start, denoising_end=denoising_end, hires_scale=hires_scale,
-                       hires_strength=hires_strength, hires_steps=hires_steps)  # fmt: skip
-        _check_choice("hires_upscale", hires_upscale, tuple(HIRES_UPSCALERS))
-        hires = None if hires_scale is None else Hires(hires_scale, hires_strength, hires_steps, hires_upscale)
-        sampling = _sampling(sampler, steps, timestep_spacing, eta, schedule, denoising_end, self.family)
-        images = None if init_image is None else images_to_tensor(init_image)
-        masks = None if mask_image is None else masks_to_tensor(mask_image)
-        init = self._init(images, init_latents)
-        size = self._output_size(width, height, init)
-        micro = self._micro_conditioning(
-            size,
-            original_size=original_size,
-            crop_coords_top_left=crop_coords_top_left,
-            target_size=target_size,
-            aesthetic_score=aesthetic_score,
-            negative_aesthetic_score=negative_aesthetic_score,
-        )
-        text = self._prompt(prompt, negative_prompt, micro, num_images, guidance_scale, guidance_rescale, clip_skip,
-                            prompt_syntax)  # fmt: skip
-        rng = Noise(_make_generator(seed, generator), noise, latents)
-        if masks is not None or self.family.inpainting:
-            if hires is not None:
+        request = GenerateRequest(**{k: v for k, v in locals().items() if k != "self"})  # every keyword, checked
+        inputs = request.resolve(self)
+        result = self._pipeline(request, inputs)
+        return result.latents if request.output == "latent" else self.decode(result.latents, request.output)
+
+    def _pipeline(self, r: GenerateRequest, p: PipelineInputs) -> Sampled:
+        """The pipeline a request names: inpainting for a mask or an inpainting model; else the refiner
+        stage for `denoising_start`, img2img from an init image or latents, A1111's hires fix, or txt2img."""
+        if p.masks is not None or self.family.inpainting:
+            if p.hires is not None:
                 raise ValueError("hires_scale does not combine with inpainting (mask_image or an inpainting model)")
-            _check_inpainting(images, masks, self.family.inpainting, denoising_start)
+            _check_inpainting(p.images, p.masks, self.family.inpainting, r.denoising_start)
             pipeline = inpaint if self.family.inpainting else inpaint_blend
-            strength = 1.0 if strength is None else strength  # diffusers' default: a pure-noise start
-            result = pipeline(self, text, sampling, rng, MaskedImage(images, masks), strength, callback)
-        else:
-            result = self._run(text, sampling, rng, size, init, strength, denoising_start, hires, callback)
-        return result.latents if output == "latent" else self.decode(result.latents, output)
-
-    # ------------------------------------------------------------------ pieces of generate
-    def _run(
-        self,
-        text: Prompt,
-        sampling: Sampling,
-        rng: Noise,
-        size: tuple[int, int],
-        init: Init | None,
-        strength: float | None,
-        denoising_start: float | None,
-        hires: Hires | None,
-        callback: Callback | None,
-    ) -> Sampled:
-        """The pipeline for a request without a mask: the refiner stage for `denoising_start`,
-        img2img from an init image or latents, A1111's hires fix, else text-to-image."""
-        if hires is not None:
-            if init is not None or strength is not None or sampling.denoising_end is not None:
-                raise ValueError("hires_scale is a text-to-image pass; it takes no init_image, init_latents, "
-                                 "strength or denoising_end (hires_strength sets the second pass's strength)")
-            return hires_fix(self, text, sampling, rng, size, hires, callback)
-        if denoising_start is not None:
-            if init is None:
+            strength = 1.0 if r.strength is None else r.strength  # diffusers' default: a pure-noise start
+            return pipeline(self, p.text, p.sampling, p.noise, MaskedImage(p.images, p.masks), strength, r.callback)
+        if p.hires is not None:
+            if p.init is not None or r.strength is not None or r.denoising_end is not None:
+                raise ValueError(
+                    "hires_scale is a text-to-image pass; it takes no init_image, init_latents, "
+                    "strength or denoising_end (hires_strength sets the second pass's strength)"
+                )
+            return hires_fix(self, p.text, p.sampling, p.noise, p.size, p.hires, r.callback)
+        if r.denoising_start is not None:
+            if p.init is None:
                 raise ValueError("denoising_start needs init_latents (or init_image) to continue from")
-            if strength is not None:
+            if r.strength is not None:
                 raise ValueError("pass strength or denoising_start, not both (denoising_start sets where to start)")
-            if rng.latents is not None:
+            if r.latents is not None:
                 raise ValueError("latents (the initial noise) has no use with denoising_start, which adds no noise")
-            return refine(self, text, sampling, rng.generator, init, denoising_start, callback)
-        if init is not None:
-            strength = self.family.default_strength if strength is None else strength
-            return img2img(self, text, sampling, rng, init, strength, callback)
-        if strength is not None:
+            return refine(self, p.text, p.sampling, p.noise.generator, p.init, r.denoising_start, r.callback)
+        if p.init is not None:
+            strength = self.family.default_strength if r.strength is None else r.strength
+            return img2img(self, p.text, p.sampling, p.noise, p.init, strength, r.callback)
+        if r.strength is not None:
             raise ValueError("strength needs an init_image (it sets how much of the image is kept)")
-        return txt2img(self, text, sampling, rng, size, callback)
+        return txt2img(self, p.text, p.sampling, p.noise, p.size, r.callback)
 
-    def _prompt(
-        self,
-        prompt: str | Sequence[str],
-        negative_prompt: str | Sequence[str],
-        micro: MicroConditioning,
-        num_images: int,
-        guidance_scale: float | None,
-        guidance_rescale: float,
-        clip_skip: int,
-        prompt_syntax: str,
-    ) -> Prompt:
-        prompts = _prompt_list(prompt, "prompt")
-        negatives = _prompt_list(negative_prompt, "negative_prompt")
+
+# ---------------------------------------------------------------------- the request
+@dataclass(frozen=True)
+class GenerateRequest:
+    """`StableDiffusion.generate`'s keywords as one record, in its order and with its defaults (a test
+    holds the two together). None means "the model's or the input's", resolved by `resolve`.
+
+    Creating one checks all that needs no model: each choice, and each number's type and range
+    (`_NUMBERS`); `resolve` checks the rest against a model and builds the pipeline's records."""
+
+    prompt: str | Sequence[str]
+    negative_prompt: str | Sequence[str] = ""
+    width: int | None = None  # None: the init image's (or init latents') width, else the family's default_size
+    height: int | None = None
+    steps: int = DEFAULT_STEPS
+    guidance_scale: float | None = None  # None: the family's default_guidance
+    sampler: str = "euler"
+    schedule: DiscreteSchedule | None = None  # None: the family's training schedule (zero terminal SNR or not)
+    timestep_spacing: str | None = None  # None: the family's ("trailing" for zero terminal SNR)
+    eta: float | None = None  # None: the sampler's own default
+    seed: int | None = None  # seed and generator both None: a fresh seed, logged
+    generator: torch.Generator | None = None
+    latents: torch.Tensor | None = None  # None: initial noise drawn from the generator
+    num_images: int = 1  # per prompt
+    output: str = "pil"
+    callback: Callback | None = None
+    clip_skip: int = 0
+    prompt_syntax: str = "plain"
+    guidance_rescale: float = 0.0
+    noise: str = "diffusers"
+    init_image: ImageInput | None = None
+    init_latents: torch.Tensor | None = None
+    strength: float | None = None  # None: the family's default_strength (img2img), 1.0 (inpainting)
+    mask_image: ImageInput | None = None
+    denoising_start: float | None = None
+    denoising_end: float | None = None
+    original_size: tuple[int, int] | None = None  # SDXL's micro-conditioning; None: the output size
+    crop_coords_top_left: tuple[int, int] | None = None  # None: (0, 0)
+    target_size: tuple[int, int] | None = None  # None: the output size
+    aesthetic_score: float | None = None  # the refiner's; None: diffusers' 6.0 (and 2.5 for the negative)
+    negative_aesthetic_score: float | None = None
+    hires_scale: float | None = None  # None: no hires fix
+    hires_strength: float = 0.7
+    hires_steps: int | None = None  # None: `steps`
+    hires_upscale: str = "latent"
+
+    def __post_init__(self) -> None:
+        _check_choice("output", self.output, OUTPUT_TYPES)
+        _check_choice("noise", self.noise, NOISE_CONVENTIONS)
+        _check_choice("prompt_syntax", self.prompt_syntax, PROMPT_SYNTAXES)
+        _check_numbers(**{name: getattr(self, name) for name in _NUMBERS})
+        _check_choice("hires_upscale", self.hires_upscale, tuple(HIRES_UPSCALERS))
+        _check_choice("sampler", self.sampler, SAMPLER_NAMES)
+        if self.schedule is not None and not isinstance(self.schedule, DiscreteSchedule):
+            raise ValueError(f"schedule: expected a DiscreteSchedule or None, got {shown(self.schedule)}")
+
+    def resolve(self, sd: StableDiffusion) -> PipelineInputs:
+        """The pipeline's records for this request on `sd`: every None resolved, all checked against the model."""
+        hires = None
+        if self.hires_scale is not None:
+            hires = Hires(self.hires_scale, self.hires_strength, self.hires_steps, self.hires_upscale)
+        sampling = self._sampling(sd.family)
+        images = None if self.init_image is None else images_to_tensor(self.init_image)
+        masks = None if self.mask_image is None else masks_to_tensor(self.mask_image)
+        init = self._init(images, sd.unet.config.out_channels)
+        size = self._output_size(sd, init)
+        text = self._prompt(sd.family, self._micro_conditioning(sd.family, size))
+        noise = Noise(_make_generator(self.seed, self.generator), self.noise, self.latents)
+        return PipelineInputs(text, sampling, noise, size, init, images, masks, hires)
+
+    def _sampling(self, family: Family) -> Sampling:
+        """By default the family's training schedule and timestep spacing (a zero-terminal-SNR model:
+        the rescaled betas and "trailing", `Family.zero_terminal_snr`)."""
+        schedule = self.schedule
+        if schedule is None:
+            schedule = DiscreteSchedule.scaled_linear(zero_terminal_snr=family.zero_terminal_snr)
+        spacing = family.timestep_spacing if self.timestep_spacing is None else self.timestep_spacing
+        return Sampling(self.sampler, int(self.steps), spacing, self.eta, schedule, self.denoising_end)
+
+    def _prompt(self, family: Family, micro: MicroConditioning) -> Prompt:
+        prompts = _prompt_list(self.prompt, "prompt")
+        negatives = _prompt_list(self.negative_prompt, "negative_prompt")
         if len(negatives) not in (1, len(prompts)):
             raise ValueError(f"negative_prompt: expected 1 or {len(prompts)} (one per prompt), got {len(negatives)}")
-        scale = self.family.default_guidance if guidance_scale is None else float(guidance_scale)
+        scale = family.default_guidance if self.guidance_scale is None else float(self.guidance_scale)
         negatives = negatives * len(prompts) if len(negatives) == 1 else negatives
-        rescale, n, skip = float(guidance_rescale), int(num_images), int(clip_skip)  # numpy numbers -> Python
-        return Prompt(tuple(prompts), tuple(negatives), micro, n, scale, rescale, skip, prompt_syntax)
+        # numpy numbers -> Python
+        rescale, n, skip = float(self.guidance_rescale), int(self.num_images), int(self.clip_skip)
+        return Prompt(tuple(prompts), tuple(negatives), micro, n, scale, rescale, skip, self.prompt_syntax)
 
-    def _micro_conditioning(self, size: tuple[int, int], **given) -> MicroConditioning:
+    def _micro_conditioning(self, family: Family, size: tuple[int, int]) -> MicroConditioning:
         """SDXL's size/crop/aesthetic conditioning (default: the output size, no crop), checked against
         the family's `y` inputs."""
-        allowed = list(self.family.y_inputs)
+        allowed = list(family.y_inputs)
         if "aesthetic_score" in allowed:
             allowed.append("negative_aesthetic_score")
+        given = {name: getattr(self, name) for name in _MICRO_CONDITIONING}
         for name, value in given.items():
             if value is not None and name not in allowed:
-                raise ValueError(
-                    f"{name} is not an input of the {self.family.name!r} family (it takes {allowed or 'none'})"
-                )
+                raise ValueError(f"{name} is not an input of the {family.name!r} family (it takes {allowed or 'none'})")
             if value is not None:
                 _check_finite_numbers(name, value)
         values = {k: v for k, v in given.items() if v is not None}
         return MicroConditioning(**{"original_size": size, "target_size": size, **values})
 
-    def _init(self, images: torch.Tensor | None, init_latents: torch.Tensor | None) -> Init | None:
+    def _init(self, images: torch.Tensor | None, latent_channels: int) -> Init | None:
         """Where img2img or the refiner starts: the init image, or checked init latents, or nothing."""
-        if images is not None and init_latents is not None:
+        if images is not None and self.init_latents is not None:
             raise ValueError("pass init_image or init_latents, not both")
         if images is not None:
             return InitImage(images)
-        if init_latents is not None:
-            return InitLatents(check_latents("init_latents", init_latents, self.unet.config.out_channels))
+        if self.init_latents is not None:
+            return InitLatents(check_latents("init_latents", self.init_latents, latent_channels))
         return None
 
-    def _output_size(self, width: int | None, height: int | None, init: Init | None) -> tuple[int, int]:
+    def _output_size(self, sd: StableDiffusion, init: Init | None) -> tuple[int, int]:
         """(height, width) in pixels: given, else the init's size, else the family's; checked."""
-        f = self.vae.config.downsample_factor
+        f = sd.vae.config.downsample_factor
         size = None
         if isinstance(init, InitImage):
             size = tuple(init.images.shape[-2:])
         elif isinstance(init, InitLatents):
             size = (init.given.shape[-2] * f, init.given.shape[-1] * f)
-        default = size or (self.family.default_size, self.family.default_size)
-        height = default[0] if height is None else int(height)
-        width = default[1] if width is None else int(width)
+        default = size or (sd.family.default_size, sd.family.default_size)
+        height = default[0] if self.height is None else int(self.height)
+        width = default[1] if self.width is None else int(self.width)
         if size is not None and (height, width) != size:
             raise ValueError(
                 f"width x height {width}x{height} differs from the init image's {size[1]}x{size[0]}; "
                 "resize the image first"
             )
-        m = self.size_multiple
+        m = sd.size_multiple
         if height % m or width % m or height < m or width < m:
             raise ValueError(
                 f"width and height must be positive multiples of {m} (VAE factor {f} x U-Net factor "
-                f"{self.unet.config.downsample_factor}: the official U-Net halves and doubles its maps exactly), "
+                f"{sd.unet.config.downsample_factor}: the official U-Net halves and doubles its maps exactly), "
                 f"got {width}x{height}"
             )
         return height, width
+
+
+_MICRO_CONDITIONING = ("original_size", "crop_coords_top_left", "target_size", "aesthetic_score",
+                       "negative_aesthetic_score")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class PipelineInputs:
+    """A `GenerateRequest` resolved against a model: the pipeline's records, the output size
+    (height, width), and what the run starts from."""
+
+    text: Prompt
+    sampling: Sampling
+    noise: Noise
+    size: tuple[int, int]
+    init: Init | None  # img2img's or the refiner's start
+    images: torch.Tensor | None  # the init images, (B, 3, H, W) in [0, 1]
+    masks: torch.Tensor | None  # (N, 1, H, W): 1 = repaint
+    hires: Hires | None
 
 
 # ---------------------------------------------------------------------- request checks
@@ -650,26 +727,6 @@ def _prompt_list(prompt: str | Sequence[str], name: str) -> list[str]:
     if not prompts or not all(isinstance(p, str) for p in prompts):
         raise ValueError(f"{name}: expected a str or a non-empty list of str, got {shown(prompt)}")
     return prompts
-
-
-def _sampling(
-    sampler: str,
-    steps: int,
-    spacing: str,
-    eta: float | None,
-    schedule: DiscreteSchedule | None,
-    denoising_end: float | None,
-    family: Family,
-) -> Sampling:
-    """The request's sampling; by default the family's training schedule and timestep spacing (a
-    zero-terminal-SNR model: the rescaled betas and "trailing", `Family.zero_terminal_snr`)."""
-    _check_choice("sampler", sampler, SAMPLER_NAMES)
-    if schedule is not None and not isinstance(schedule, DiscreteSchedule):
-        raise ValueError(f"schedule: expected a DiscreteSchedule or None, got {shown(schedule)}")
-    if schedule is None:
-        schedule = DiscreteSchedule.scaled_linear(zero_terminal_snr=family.zero_terminal_snr)
-    spacing = family.timestep_spacing if spacing is None else spacing
-    return Sampling(sampler, int(steps), spacing, eta, schedule, denoising_end)  # checked by _check_numbers
 
 
 def _check_inpainting(

@@ -15,7 +15,8 @@ import json
 import logging
 import os
 import zipfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -99,32 +100,53 @@ class _Tensors:
     copies: dict[str, Reader] = field(default_factory=dict)
 
 
+# Threads that read a copied checkpoint: reading 2 GB into fresh memory is bound by page faults and
+# memory copies, which run in parallel (docs/performance.md, "Loading").
+READ_THREADS = min(4, os.cpu_count() or 1)
+
+
 class LazyTensors(Mapping):
     """A read-on-access view of checkpoint tensors that casts and moves each tensor once, as it
     is read, so that only one copy of the weights ever exists.
 
     With `copy`, every tensor is read into memory of its own (`_Tensors.copies`): the model owns its
-    memory, and the file may change or vanish afterwards. Without it, a tensor that needs no cast or
-    move stays a view of the file's memory map (no copy at all); one that does is read with plain
-    reads, cast or moved, and the read buffer dropped (so the map's pages of a cast tensor never
-    count in RSS). Off the CPU, each tensor goes from the file to the device through a host buffer of
-    its own size: there is never a host copy of the whole model. On the meta device nothing is read:
-    each tensor is an empty meta tensor of the header's shape."""
+    memory, and the file may change or vanish afterwards. Off the CPU, each tensor then goes from the
+    file to the device through a host buffer of its own size: there is never a host copy of the whole
+    model, and the file's pages stay out of the process's memory. Without `copy` (`mmap=True`), on the
+    CPU, a tensor in the wanted dtype stays a view of the file's memory map (no copy at all), and one
+    that needs a cast is cast straight from the map, in one pass.
+    On the meta device nothing is read: each tensor is an empty meta tensor of the header's shape.
+
+    `prefetch` reads the copies on several threads ahead of the caller (positioned reads, page faults
+    and casts release the GIL), each tensor still read once, into its own memory."""
 
     def __init__(self, tensors: _Tensors, dtype: torch.dtype, device: torch.device, *, copy: bool) -> None:
         self._tensors, self._dtype, self._device, self._copy = tensors, dtype, device, copy
+        self._pending: dict[str, Future] = {}
+
+    def prefetch(self, keys: Iterable[str], workers: int | None = None) -> None:
+        """Start reading `keys` on `workers` threads, in order (a no-op unless tensors are copied out of a
+        mapped file); `self[key]` then waits for its own. Peak memory is unchanged: every tensor read is
+        one the caller keeps (`KeyTable.to_ours` holds them all until they are assigned)."""
+        workers = READ_THREADS if workers is None else workers
+        if workers < 2 or self._device.type == "meta" or not (self._tensors.copies and self._copy):
+            return
+        pool = ThreadPoolExecutor(workers, thread_name_prefix="minisd-read")
+        self._pending = {k: pool.submit(self._read, k) for k in keys}
+        pool.shutdown(wait=False)  # the queued reads go on; the threads end with them
 
     def __getitem__(self, key: str) -> torch.Tensor:
+        pending = self._pending.pop(key, None)
+        return self._read(key) if pending is None else pending.result()
+
+    def _read(self, key: str) -> torch.Tensor:
         info = self._tensors.infos[key]
         if self._device.type == "meta":
             return torch.empty(info.shape, dtype=self._dtype, device="meta")
-        stored = _TORCH_DTYPES.get(info.dtype)
-        floating = stored is None or stored.is_floating_point
-        as_stored = self._device.type == "cpu" and (not floating or stored == self._dtype)
-        if self._tensors.copies and (self._copy or not as_stored):
+        if self._tensors.copies and (self._copy or self._device.type != "cpu"):
             t = self._tensors.copies[key]()  # fresh memory, read past the map; cast and moved below
         else:
-            t = self._tensors.readers[key]()  # a view of the map (kept only as stored), or an in-memory tensor
+            t = self._tensors.readers[key]()  # a view of the map (kept, or cast from it), or in memory
         return t.to(device=self._device, dtype=self._dtype if t.is_floating_point() else None)
 
     def __contains__(self, key: object) -> bool:  # Mapping's default would read the tensor

@@ -23,7 +23,7 @@ import torch
 from .clip import TextConfig, TextTransformer
 from .diffusers_format import unet_table, vae_table
 from .families import FAMILIES, UNET_PREFIX, VAE_PREFIX
-from .keymap import KeyTable
+from .keymap import KeyTable, on_meta
 from .layouts import OFFICIAL_IGNORES, hf_table, open_clip_table
 from .unet import UNetConfig, UNetModel
 from .vae import AutoencoderKL, VAEConfig
@@ -82,7 +82,7 @@ def _families(pred) -> tuple[str, ...]:
 
 
 def _unet_page(name: str, title: str, cfg: UNetConfig, variants: str) -> Page:
-    with torch.device("meta"):
+    with on_meta():
         module = UNetModel(cfg)
     # Inpainting U-Nets differ only in conv_in's input channels: same keys, one page.
     same = _families(lambda f: dataclasses.replace(f.unet, in_channels=cfg.in_channels) == cfg)
@@ -92,7 +92,7 @@ def _unet_page(name: str, title: str, cfg: UNetConfig, variants: str) -> Page:
 
 
 def _vae_page(cfg: VAEConfig) -> Page:
-    with torch.device("meta"):
+    with on_meta():
         module = AutoencoderKL(cfg)
     intro = (f"Official names without `{VAE_PREFIX}`; diffusers' `vae/` folder (`AutoencoderKL`). "
              "The official decoder's `up.N` is diffusers' `up_blocks.{3-N}`. SD1, SD2 and SDXL VAEs share every "
@@ -102,7 +102,7 @@ def _vae_page(cfg: VAEConfig) -> Page:
 
 
 def _text_page(name: str, title: str, intro: str, cfg: TextConfig, layout: str, families: tuple[str, ...]) -> Page:
-    with torch.device("meta"):
+    with on_meta():
         module = TextTransformer(cfg)
     table, made_by = (hf_table(cfg), "layouts.hf_table") if layout == "hf" else (
         open_clip_table(cfg), "layouts.open_clip_table")  # fmt: skip

@@ -30,6 +30,7 @@ import logging
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -176,30 +177,49 @@ def retrain(out: str | Path, *, seed: int = 0, recipe: Recipe = RECIPE, threads:
     `threads`: torch's intra-op threads while training (restored after). 1 by default: on a 2-core
     machine shared with other jobs, 2 threads ran a VAE step 3x *slower* than 1 (the threads wait on
     each other); on an idle machine 2 are faster."""
+    return run_stages(Path(out), seed, recipe, threads, TINY_STAGES)
+
+
+@dataclass(frozen=True)
+class Stages:
+    """What a tiny model's recipe runs, in order (`run_stages`): fresh weights, the VAE stage, the latent
+    cache, then the shared U-Net stage (`_stage_unet`), and the shipped file's writer and name."""
+
+    new_model: Callable[[int], StableDiffusion]
+    vae: Callable[[StableDiffusion, Path, Recipe, int], float]
+    cache: Callable[[StableDiffusion, Path, Recipe, int], LatentCache]
+    ship: Callable[[Path, Path], Path]
+    file_name: str
+
+
+def run_stages(out: Path, seed: int, recipe: Recipe, threads: int, stages: Stages) -> Path:
+    """Run `stages` into `out` (each resumes what is there) with `threads` torch threads (restored after);
+    returns the shipped file. Writes `out/timings.json`: the seconds of each stage in this call, and of
+    the training steps of all calls."""
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        return _retrain(Path(out), seed, recipe, threads)
+        return _run_stages(out, seed, recipe, threads, stages)
     finally:
         torch.set_num_threads(previous)
 
 
-def _retrain(out: Path, seed: int, recipe: Recipe, threads: int) -> Path:
+def _run_stages(out: Path, seed: int, recipe: Recipe, threads: int, stages: Stages) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    sd = new_model(seed)
-    times = {"vae": _stage_vae(sd, out, recipe, seed)}
+    sd = stages.new_model(seed)
+    times = {"vae": stages.vae(sd, out, recipe, seed)}
     t1 = time.perf_counter()
-    cache = _stage_cache(sd, out, recipe, seed)
+    cache = stages.cache(sd, out, recipe, seed)
     times["cache"] = time.perf_counter() - t1
     times["unet"] = _stage_unet(sd, cache, out, recipe, seed)
-    path = ship_file(out / "unet" / "model.safetensors", out / "tiny-sd.safetensors")
+    path = stages.ship(out / "unet" / "model.safetensors", out / stages.file_name)
     times["this_call"] = time.perf_counter() - t0
     # Over every call that built this folder (a resumed run's own timings cover only its part):
     times.update({f"{stage}_steps_all_calls": logged_seconds(out / stage / "log.jsonl") for stage in ("vae", "unet")})
     record = {"seed": seed, "threads": threads, "recipe": dataclasses.asdict(recipe), **times}
     (out / "timings.json").write_text(json.dumps(record, indent=1))
-    logger.info("tiny model: %s (%s)", path, ", ".join(f"{k} {v:.0f} s" for k, v in times.items()))
+    logger.info("%s: %s", path, ", ".join(f"{k} {v:.0f} s" for k, v in times.items()))
     return path
 
 
@@ -223,6 +243,9 @@ def ship_file(src: str | Path, dst: str | Path) -> Path:
     for encoder in sd.text_encoders:
         encoder.half()
     return save(sd, dst, overwrite=True)
+
+
+TINY_STAGES = Stages(new_model, _stage_vae, _stage_cache, ship_file, "tiny-sd.safetensors")
 
 
 def main(argv: list[str] | None = None) -> int:

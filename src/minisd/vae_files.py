@@ -33,10 +33,10 @@ from pathlib import Path
 
 import torch
 
-from .detection import PICKLE_SUFFIXES, read_json, read_safetensors_header, refuse_pickle, sha256
+from .detection import PICKLE_SUFFIXES, read_json, read_safetensors_header, refuse_pickle, sha256, what_else
 from .diffusers_format import json_field, vae_table
 from .families import VAE_PREFIX
-from .keymap import CheckpointError, Ignore, KeyTable, Rule, load_strict
+from .keymap import CheckpointError, Ignore, KeyTable, Rule, load_strict, on_meta
 from .known_files import KNOWN_VAES
 from .sources import (
     LazyTensors,
@@ -120,7 +120,7 @@ def _legacy_attention(table: KeyTable) -> KeyTable:
 
 def _table(keys: set[str], config: VAEConfig, path: Path) -> tuple[KeyTable, str]:
     """The table from the file's layout (told by its sentinel key) to our names, and the layout's name."""
-    with torch.device("meta"):
+    with on_meta():
         ours = list(AutoencoderKL(config).state_dict())
     if any(k.startswith("model.diffusion_model.") for k in keys):
         raise CheckpointError(f"{path}: not a VAE file: a full checkpoint (with a U-Net); load it with minisd.load")
@@ -134,7 +134,8 @@ def _table(keys: set[str], config: VAEConfig, path: Path) -> tuple[KeyTable, str
         return vae_table(config), "diffusers AutoencoderKL"
     raise CheckpointError(
         f"{path}: not a VAE file minisd knows: none of `{_OFFICIAL}` (official layout), `{VAE_PREFIX}{_OFFICIAL}` "
-        f"or `{_DIFFUSERS}` (diffusers) is there; it holds keys such as {sorted(keys)[:3]}"
+        f"or `{_DIFFUSERS}` (diffusers) is there; it holds keys such as {sorted(keys)[:3]}; "
+        + what_else(sorted(keys), asked="vae")
     )
 
 
@@ -187,7 +188,7 @@ def load_vae_file(
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or directory")
     source = open_vae_file(path, config, allow_pickle=allow_pickle)
-    with torch.device("meta"):
+    with on_meta():
         vae = AutoencoderKL(config)
     match = match_keys(source.part)
     problems = match.problems or check_tensors(source.part, match.own, {"VAE": vae})

@@ -84,6 +84,7 @@ from .layouts import (
     component_sizes,
     hf_table,
     open_clip_table,
+    remember_keys,
 )
 from .sources import (
     DiffusersFolder,
@@ -139,7 +140,11 @@ class Components:
 def build(family: Family) -> tuple[UNetModel, AutoencoderKL, list[TextTransformer]]:
     """Every component of `family` on the meta device: no memory, no init (the weights are assigned)."""
     with on_meta():
-        return UNetModel(family.unet), AutoencoderKL(family.vae), [TextTransformer(t.config) for t in family.text]
+        unet, vae = UNetModel(family.unet), AutoencoderKL(family.vae)
+        encoders = [TextTransformer(t.config) for t in family.text]
+    remember_keys(unet, family.unet)  # the key tables read these, instead of building them again
+    remember_keys(vae, family.vae)
+    return unet, vae, encoders
 
 
 def load_components(

@@ -132,12 +132,22 @@ def component_names(family: Family) -> list[str]:
     return ["U-Net", "VAE", *(f"text encoder {i} ({t.layout})" for i, t in enumerate(family.text))]
 
 
-@functools.lru_cache(maxsize=64)
+_KEYS: dict[tuple[type, object], tuple[str, ...]] = {}  # (module class, frozen config) -> state-dict keys
+
+
 def module_keys(cls: type, config: object) -> tuple[str, ...]:
-    """The state-dict keys of `cls(config)`, in order, read off a build on the meta device (cached: the
-    configs are frozen dataclasses, so a second load of the same architecture builds nothing for its tables)."""
-    with on_meta():
-        return tuple(cls(config).state_dict())
+    """The state-dict keys of `cls(config)`, in order. Cached per architecture (the configs are frozen
+    dataclasses): the loader records the modules it builds (`remember_keys`), so a load builds each
+    component once, not once more for its key table."""
+    if (cls, config) not in _KEYS:
+        with on_meta():
+            _KEYS[cls, config] = tuple(cls(config).state_dict())
+    return _KEYS[cls, config]
+
+
+def remember_keys(module: nn.Module, config: object) -> None:
+    """Record `module`'s state-dict keys as those of its class and `config` (see `module_keys`)."""
+    _KEYS.setdefault((type(module), config), tuple(module.state_dict()))
 
 
 def official_tables(family: Family, keys: set[str], *, use_ema: bool = False) -> dict[str, KeyTable]:

@@ -128,3 +128,21 @@ def test_torchrun_two_processes_equal_one(tmp_path):
     # each rank printed the files of its own share: rank 0 batches 0 and 2, rank 1 batch 1
     printed = sorted(Path(line).name for line in done.stdout.split())
     assert printed == sorted(images(tmp_path / "one"))
+
+
+def test_each_output_path_is_one_write(monkeypatch):
+    """Ranks under torchrun share one stdout pipe: a path and its newline must go out in one write (a
+    write under PIPE_BUF is atomic), or two ranks' paths can run together on one line, as `print` on an
+    unbuffered stdout did in CI (two writes: the text, then the newline)."""
+    writes = []
+
+    class Recorder:
+        def write(self, text):
+            writes.append(text)
+
+        def flush(self):
+            pass
+
+    monkeypatch.setattr(sys, "stdout", Recorder())
+    cli_generate._print_line(Path("/out/00002-a-green-triangle.png"))
+    assert writes == ["/out/00002-a-green-triangle.png\n"]

@@ -309,7 +309,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 bar.close()
             for image, job in zip(images, group, strict=True):
                 if args.overwrite or not job.path.exists():
-                    print(write_image(image, job, overwrite=args.overwrite, numbered=folder is None))
+                    _print_line(write_image(image, job, overwrite=args.overwrite, numbered=folder is None))
             if folder is not None and not world.distributed:
                 batch.write_index(folder, jobs)
         batch.barrier(world)
@@ -404,3 +404,11 @@ def add_generate(sub, model_args, device) -> None:
     out.add_argument("--preview", metavar="DIR", help="write the forming image x0 every few steps (cheap decode)")
     out.add_argument("--preview-every", type=int, default=5, metavar="N", help="steps between previews (default 5)")
     gen.set_defaults(func=cmd_generate)
+
+
+def _print_line(path: Path) -> None:
+    """One output path per line, in one write: under torchrun every rank prints to the same pipe, and
+    `print` on an unbuffered stdout (PYTHONUNBUFFERED) writes the text and the newline separately, so two
+    ranks' paths could run together on one line. A write of under 4 KiB (PIPE_BUF) to a pipe is atomic."""
+    sys.stdout.write(f"{path}\n")
+    sys.stdout.flush()

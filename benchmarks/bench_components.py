@@ -21,11 +21,11 @@ Three pairs, each at full size (random weights):
 
 Optimisations. `--minisd-opts "fused;fused,channels_last"` adds one more minisd side per
 `;`-separated variant, the same module with those optimisations applied (see
-`common.apply_minisd_opts`: fused attention projections, channels_last, compile), timed
+`common.MINISD_OPTS`: fused projections, channels_last, packed, subpixel, compile), timed
 in the same interleaved run, so each optimisation's effect is read off against the plain
 model. `--ref-opts` does the same for the reference (diffusers' `fuse_qkv_projections`,
-channels_last, `torch.compile`). An optimisation that the library does not have yet is
-skipped and the table says so.
+channels_last, `torch.compile`); one the reference model lacks (diffusers' CLIP has no
+`fuse_qkv_projections`) is skipped and the table says so.
 
 Method. Time: all sides of a component in one subprocess, holding the same weights
 (drawn once, seeded; the reference receives the very same tensors through minisd's key
@@ -137,13 +137,13 @@ def build_sides(item: str, args: argparse.Namespace, sides: list[str]) -> tuple[
         who, _, opts = side.partition("+")
         opts_t = tuple(o for o in opts.split(",") if o)
         if who == "minisd":
-            model, skipped = apply_minisd_opts(build_ours(spec, weights, dtype), opts_t)
+            model = apply_minisd_opts(build_ours(spec, weights, dtype), opts_t)
             calls[side] = call_ours(spec, model)
         else:
             model, skipped = apply_ref_opts(build_theirs(spec, weights, device), opts_t)
             calls[side] = call_theirs(spec, model)
+            notes += [f"{side}: skipped {s}" for s in skipped]
         models[side] = model
-        notes += [f"{side}: skipped {s}" for s in skipped]
     return models, calls, notes
 
 

@@ -188,12 +188,12 @@ MINISD_OPTS = {
 }
 
 
-def apply_minisd_opts(model: nn.Module, opts: tuple[str, ...]) -> tuple[nn.Module, list[str]]:
+def apply_minisd_opts(model: nn.Module, opts: tuple[str, ...]) -> nn.Module:
     """`model` with minisd's optimisations `opts` applied (in place), in the order given, by name:
-    `MINISD_OPTS` (`minisd.speed`). The second value lists options skipped (none: kept for the callers)."""
+    `MINISD_OPTS` (`minisd.speed`)."""
     for opt in opts:
         model = MINISD_OPTS[opt](model) or model
-    return model, []
+    return model
 
 
 def apply_ref_opts(model: nn.Module, opts: tuple[str, ...]) -> tuple[nn.Module, list[str]]:

@@ -67,6 +67,7 @@ from common import (  # noqa: E402
     wall_seconds,
 )
 from minisd import clip as mclip  # noqa: E402
+from minisd import speed  # noqa: E402
 from minisd import unet as munet  # noqa: E402
 from minisd import vae as mvae  # noqa: E402
 from minisd.families import FAMILIES  # noqa: E402
@@ -208,8 +209,8 @@ def minisd_options(sd: StableDiffusion) -> str:
     (2.25x fewer FLOPs in every upsampler) and channels_last; says which ran."""
     sd.fuse_projections()
     sd.subpixel_upsampling()
-    sd.unet.to(memory_format=torch.channels_last)
-    sd.vae.to(memory_format=torch.channels_last)
+    speed.channels_last(sd.unet)
+    speed.channels_last(sd.vae)
     return "minisd: fuse_projections, subpixel_upsampling, channels_last"
 
 

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from minisd.clip import TextTransformer
-from minisd.unet import CrossAttention
+from minisd.unet import CrossAttention, memory_format_of
 from minisd.unet import Upsample as UNetUpsample
 from minisd.vae import AttnBlock, AutoencoderKL
 from minisd.vae import Upsample as VAEUpsample
@@ -225,16 +225,12 @@ def upsample_conv(x: torch.Tensor, phases: Callable[[torch.Tensor], torch.Tensor
     n, _, h, w = x.shape
     z = phases(x)
     y = z.unflatten(1, (2, 2, -1))  # (N, a, b, O, H+1, W+1)
-    out = torch.empty((n, y.shape[3], 2 * h, 2 * w), dtype=y.dtype, device=y.device, memory_format=_layout(z))
+    layout = memory_format_of(z)
+    out = torch.empty((n, y.shape[3], 2 * h, 2 * w), dtype=y.dtype, device=y.device, memory_format=layout)
     for a in (0, 1):
         for b in (0, 1):
             out[:, :, a::2, b::2] = y[:, a, b, :, a : a + h, b : b + w]
     return out
-
-
-def _layout(x: torch.Tensor) -> torch.memory_format:
-    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    return torch.channels_last if channels_last else torch.contiguous_format
 
 
 class SubpixelUpsample(nn.Module):

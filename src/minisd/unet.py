@@ -260,7 +260,7 @@ def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10
     return emb
 
 
-def _memory_format(x: torch.Tensor) -> torch.memory_format:
+def memory_format_of(x: torch.Tensor) -> torch.memory_format:
     """channels_last if `x` is stored that way (and not also plainly contiguous), else NCHW."""
     if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
         return torch.channels_last
@@ -429,7 +429,7 @@ class SpatialTransformer(nn.Module):
         # Back to a feature map laid out like the input (NCHW, or channels_last for a
         # channels_last model), as sgm's `.contiguous()` does for NCHW: the bare view would
         # be channels_last-strided and steer the next convolution to another kernel.
-        x = rearrange(x, "b (h w) c -> b c h w", h=h, w=w).contiguous(memory_format=_memory_format(x_in))
+        x = rearrange(x, "b (h w) c -> b c h w", h=h, w=w).contiguous(memory_format=memory_format_of(x_in))
         if not self.use_linear:
             x = self.proj_out(x)
         return x + x_in
